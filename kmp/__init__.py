@@ -1,0 +1,1 @@
+"""kmp: a Keras 3 mixed-precision training kit."""

@@ -1,0 +1,124 @@
+"""What this machine can do for mixed precision: GPU compute capability, TPU, CPU bf16 flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import platform
+
+# CPU flags (as /proc/cpuinfo spells them) that give native bfloat16 arithmetic.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """What `detect()` found.
+
+    Args:
+        kind: str. "gpu", "tpu" or "cpu": the accelerator training would run on.
+        name: str. Human-readable device name, e.g. "NVIDIA H100 80GB HBM3" or the CPU model.
+        compute_capability: tuple or None. (major, minor) of the first NVIDIA GPU.
+        count: int. Number of devices of `kind` (CPU: logical cores).
+        cpu_flags: tuple of str. The bf16-related CPU flags present (see `CPU_BF16_FLAGS`).
+    """
+
+    kind: str
+    name: str
+    compute_capability: tuple | None = None
+    count: int = 1
+    cpu_flags: tuple = ()
+
+    @property
+    def cpu_bf16(self) -> bool:
+        """True when the CPU has native bfloat16 instructions (AVX512_BF16 or AMX)."""
+        return bool(self.cpu_flags)
+
+    def describe(self) -> str:
+        """One line such as 'GPU: NVIDIA A100 (compute capability 8.0) x1'."""
+        if self.kind == "gpu":
+            cc = self.compute_capability
+            cc_text = f" (compute capability {cc[0]}.{cc[1]})" if cc else ""
+            return f"GPU: {self.name}{cc_text} x{self.count}"
+        if self.kind == "tpu":
+            return f"TPU: {self.name} x{self.count}"
+        flags = ", ".join(self.cpu_flags) if self.cpu_flags else "no native bf16"
+        return f"CPU: {self.name}, {self.count} cores ({flags})"
+
+
+def _cpu_info() -> tuple[str, tuple]:
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and value.strip():
+                    name = value.strip()
+                elif key in ("flags", "Features"):
+                    flags.update(value.split())
+    except OSError:
+        pass
+    return name, tuple(f for f in CPU_BF16_FLAGS if f in flags)
+
+
+def _gpu_info():
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return Hardware(
+        kind="gpu",
+        name=details.get("device_name", gpus[0].name),
+        compute_capability=details.get("compute_capability"),
+        count=len(gpus),
+    )
+
+
+def _tpu_info():
+    import tensorflow as tf
+
+    tpus = tf.config.list_logical_devices("TPU")
+    return Hardware(kind="tpu", name="TPU", count=len(tpus)) if tpus else None
+
+
+@functools.lru_cache(maxsize=1)
+def detect() -> Hardware:
+    """Probes the machine once and returns what training would run on.
+
+    Order: NVIDIA GPU, then TPU, then CPU. `KMP_FAKE_HARDWARE` (e.g. "gpu:8.0", "gpu:7.0",
+    "tpu", "cpu", "cpu:bf16") overrides the probe, for tests and for planning another machine.
+
+    Returns:
+        A `Hardware`.
+
+    Example:
+    >>> hw = detect()
+    >>> hw.kind in ("cpu", "gpu", "tpu")
+    True
+    """
+    fake = os.environ.get("KMP_FAKE_HARDWARE")
+    if fake:
+        return _fake(fake)
+    cpu_name, cpu_flags = _cpu_info()
+    for probe in (_gpu_info, _tpu_info):
+        found = probe()
+        if found is not None:
+            return dataclasses.replace(found, cpu_flags=cpu_flags)
+    return Hardware(kind="cpu", name=cpu_name, count=os.cpu_count() or 1, cpu_flags=cpu_flags)
+
+
+def _fake(spec: str) -> Hardware:
+    kind, _, arg = spec.partition(":")
+    if kind == "gpu":
+        major, _, minor = (arg or "8.0").partition(".")
+        return Hardware("gpu", f"fake GPU sm_{major}{minor or 0}", (int(major), int(minor or 0)))
+    if kind == "tpu":
+        return Hardware("tpu", "fake TPU")
+    if kind == "cpu":
+        return Hardware("cpu", "fake CPU", 2, ("avx512_bf16",) if arg == "bf16" else ())
+    raise ValueError(
+        f"Unknown KMP_FAKE_HARDWARE={spec!r}. Use gpu:MAJOR.MINOR, tpu, cpu or cpu:bf16."
+    )

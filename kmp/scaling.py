@@ -1,0 +1,319 @@
+"""A LossScaleOptimizer with bounds, hysteresis, cross-replica skips and overflow attribution."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+from keras.src.utils import tracking
+
+
+class NonFiniteGradientsError(RuntimeError):
+    """Raised when more consecutive steps than allowed had non-finite gradients."""
+
+
+def _check(name, value, ok, need):
+    if not ok:
+        raise ValueError(f"LossScaleOptimizer: {name} must be {need}. Received: {name}={value!r}")
+
+
+def _is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@keras.saving.register_keras_serializable(package="kmp")
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Dynamic loss scaling that cannot collapse, with hysteresis and overflow attribution.
+
+    A subclass of `keras.optimizers.LossScaleOptimizer`, so `model.compile` does not wrap it
+    again. Each step it checks the gradients for inf/NaN (across all replicas, before any
+    update); a step with a non-finite gradient is skipped: no weight, slot or iteration changes.
+
+    Update rule (with `hysteresis=1` the same scale sequence as `torch.amp.GradScaler`):
+    after `growth_interval` consecutive finite steps the scale is multiplied by `growth_factor`;
+    on a non-finite step it is multiplied by `backoff_factor`. With `hysteresis=N > 1` it follows
+    DeepSpeed's `DynamicLossScaler` without consecutive hysteresis: the scale backs off only once
+    N overflows have used up the budget, and the budget is restored when the scale next grows.
+    The scale is always clipped to `[min_scale, max_scale]`.
+
+    State kept as optimizer variables (so checkpoints carry it): `dynamic_scale`,
+    `step_counter` (finite steps since the last growth or overflow), `hysteresis_left`,
+    `skipped_steps`, `consecutive_skips`, `grad_norm` (global norm of the last applied, unscaled
+    gradients on this replica) and `nonfinite_counts` (per trainable variable, the number of
+    replicas whose gradient was non-finite on the last skipped step).
+
+    Args:
+        inner_optimizer: keras.optimizers.Optimizer. The optimizer that applies the updates; its
+            clipping, weight decay and gradient accumulation see unscaled gradients.
+        initial_scale: float. Starting loss scale. Defaults to 2**15.
+        growth_interval: int. Consecutive finite steps before the scale grows. Defaults to 2000.
+        growth_factor: float. Multiplier on growth, > 1. Defaults to 2.0.
+        backoff_factor: float. Multiplier on overflow, in (0, 1). Defaults to 0.5.
+        hysteresis: int. Overflows tolerated before backing off (DeepSpeed's `delayed_shift`).
+            Defaults to 1 (back off on every overflow).
+        min_scale: float. Lower bound of the scale, > 0. Defaults to 1.0.
+        max_scale: float. Upper bound of the scale, finite. Defaults to 2**24.
+        max_consecutive_skips: int or None. After this many consecutive skipped steps training
+            stops with `NonFiniteGradientsError` naming the variables whose gradients were
+            non-finite. Checked after each eager `apply`, and inside `fit` by
+            `kmp.callbacks.PrecisionMonitor` (which `kmp.compile`'s users pass to fit).
+            None disables the budget. Defaults to 100.
+        name: str or None. Defaults to None.
+
+    Example:
+    >>> opt = LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=1024.0)
+    >>> opt.initial_scale
+    1024.0
+    """
+
+    def __init__(
+        self,
+        inner_optimizer,
+        initial_scale=2.0**15,
+        growth_interval=2000,
+        growth_factor=2.0,
+        backoff_factor=0.5,
+        hysteresis=1,
+        min_scale=1.0,
+        max_scale=2.0**24,
+        max_consecutive_skips=100,
+        name=None,
+        **kwargs,
+    ):
+        kwargs.pop("dynamic_growth_steps", None)  # configs saved by keras' own class
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise ValueError(
+                "LossScaleOptimizer: inner_optimizer must be a keras.optimizers.Optimizer. "
+                f"Received: {inner_optimizer!r}"
+            )
+        if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                "LossScaleOptimizer: inner_optimizer is already a LossScaleOptimizer; pass its "
+                f"inner_optimizer instead. Received: {inner_optimizer!r}"
+            )
+        num = (int, float, np.integer, np.floating)
+        _check("min_scale", min_scale, isinstance(min_scale, num) and 0 < min_scale < math.inf,
+               "a finite number > 0")
+        _check("max_scale", max_scale,
+               isinstance(max_scale, num) and min_scale <= max_scale < math.inf,
+               f"finite and >= min_scale ({min_scale})")
+        _check("initial_scale", initial_scale,
+               isinstance(initial_scale, num) and min_scale <= initial_scale <= max_scale,
+               f"within [min_scale, max_scale] = [{min_scale}, {max_scale}]")
+        _check("growth_interval", growth_interval, _is_int(growth_interval) and growth_interval >= 1,
+               "an int >= 1")
+        _check("growth_factor", growth_factor,
+               isinstance(growth_factor, num) and 1 < growth_factor < math.inf, "a number > 1")
+        _check("backoff_factor", backoff_factor,
+               isinstance(backoff_factor, num) and 0 < backoff_factor < 1, "in (0, 1)")
+        _check("hysteresis", hysteresis, _is_int(hysteresis) and hysteresis >= 1, "an int >= 1")
+        _check("max_consecutive_skips", max_consecutive_skips,
+               max_consecutive_skips is None
+               or (_is_int(max_consecutive_skips) and max_consecutive_skips >= 1),
+               "None or an int >= 1")
+        super().__init__(
+            inner_optimizer,
+            initial_scale=float(initial_scale),
+            dynamic_growth_steps=int(growth_interval),
+            name=name,
+            **kwargs,
+        )
+        self.growth_interval = int(growth_interval)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.hysteresis = int(hysteresis)
+        self.min_scale = float(min_scale)
+        self.max_scale = float(max_scale)
+        self.max_consecutive_skips = max_consecutive_skips
+
+    @tracking.no_automatic_dependency_tracking
+    def build(self, var_list):
+        # "only_first_replica": every replica computes the same value from all-reduced flags,
+        # and such variables may be assigned in replica context as well as cross-replica.
+        def var(name, init, dtype="int", shape=()):
+            return self.add_variable(
+                shape=shape,
+                dtype=dtype,
+                initializer=keras.initializers.Constant(init),
+                aggregation="only_first_replica",
+                name=name,
+            )
+
+        self.step_counter = var("step_counter", 0)
+        self.dynamic_scale = var("dynamic_scale", self.initial_scale, "float32")
+        self.hysteresis_left = var("hysteresis_left", self.hysteresis)
+        self.skipped_steps = var("skipped_steps", 0)
+        self.consecutive_skips = var("consecutive_skips", 0)
+        self.grad_norm = var("grad_norm", 0.0, "float32")
+        self.nonfinite_counts = var("nonfinite_counts", 0, "int32", (len(var_list),))
+        self.inner_optimizer.build(var_list)
+        keras.optimizers.Optimizer.build(self, var_list)
+
+    # ----------------------------------------------------------------- the step
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        tvs = list(trainable_variables) if trainable_variables is not None else None
+        grads = list(grads)
+        flags = self._nonfinite_flags(grads, tvs or self._trainable_variables)
+        if keras.backend.backend() == "tensorflow":
+            self._tf_apply_kmp(flags, grads, tvs)
+        else:
+            finite = ops.equal(ops.sum(flags), 0)
+            ops.cond(finite, lambda: self._apply_finite(grads, tvs), lambda: None)
+            self._update_state(finite, flags, self._local_grad_norm(grads))
+
+    def _nonfinite_flags(self, grads, tvs):
+        """int32 vector over the built variables: 1 where that gradient has an inf or NaN."""
+        slots = [ops.zeros((), "int32")] * len(self._trainable_variables)
+        for g, v in zip(grads, tvs):
+            if g is not None:
+                bad = ops.logical_not(ops.all(ops.isfinite(g)))
+                slots[self._get_variable_index(v)] = ops.cast(bad, "int32")
+        return ops.stack(slots)
+
+    def _local_grad_norm(self, grads):
+        sq = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None]
+        total = ops.sum(ops.stack(sq)) if sq else ops.zeros((), "float32")
+        return ops.sqrt(total) / ops.cast(self.dynamic_scale, "float32")
+
+    def _apply_finite(self, grads, tvs):
+        scale = self.dynamic_scale
+        variables = tvs or self._trainable_variables
+        unscaled = [
+            g if g is None or self._overwrite_variable_with_gradient(v) else ops.divide(g, scale)
+            for g, v in zip(grads, variables)
+        ]
+        self.inner_optimizer.apply(unscaled, trainable_variables=tvs)
+
+    def _update_state(self, finite, flags, grad_norm):
+        """Scale, growth tracker, hysteresis and counters after one step (branch-free)."""
+        skipped = ops.logical_not(finite)
+        tracker = self.step_counter + 1
+        grow = ops.logical_and(finite, ops.greater_equal(tracker, self.growth_interval))
+        hyst = self.hysteresis_left
+        back = ops.logical_and(skipped, ops.less_equal(hyst, 1))
+        scale = self.dynamic_scale
+        new_scale = ops.where(grow, scale * self.growth_factor,
+                              ops.where(back, scale * self.backoff_factor, scale))
+        self.dynamic_scale.assign(ops.clip(new_scale, self.min_scale, self.max_scale))
+        self.step_counter.assign(ops.where(ops.logical_or(grow, skipped), 0, tracker))
+        self.hysteresis_left.assign(
+            ops.where(grow, self.hysteresis,
+                      ops.where(ops.logical_and(skipped, ops.greater(hyst, 1)), hyst - 1, hyst))
+        )
+        as_int = ops.cast(skipped, self.skipped_steps.dtype)
+        self.skipped_steps.assign_add(as_int)
+        self.consecutive_skips.assign((self.consecutive_skips + as_int) * as_int)
+        self.nonfinite_counts.assign(ops.where(skipped, flags, self.nonfinite_counts))
+        self.grad_norm.assign(ops.where(finite, grad_norm, self.grad_norm))
+
+    def _tf_apply_kmp(self, flags, grads, tvs):
+        import tensorflow as tf
+
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None:
+            raise ValueError("apply() must be called in a replica context.")
+        # The one fix that matters across replicas: decide on the all-reduced flags, so every
+        # replica skips when any replica saw an inf/NaN (Keras decides on replica 0's flags).
+        if ctx.num_replicas_in_sync > 1:
+            flags = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flags)
+        finite = tf.equal(tf.reduce_sum(flags), 0)
+        grad_norm = self._local_grad_norm(grads)
+
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.cond(finite, lambda: self._apply_finite(grads, tvs) or tf.no_op(), tf.no_op)
+            self._update_state(finite, flags, grad_norm)
+        else:
+
+            def cross_replica(distribution, finite, flags, grad_norm, grads, tvs):
+                first = distribution.experimental_local_results
+
+                def apply_fn():
+                    distribution.extended.call_for_each_replica(
+                        self._apply_finite, args=(grads, tvs)
+                    )
+                    return tf.no_op()
+
+                # A cond in cross-replica context: the inner apply calls merge_call itself.
+                finite0 = first(finite)[0]
+                tf.cond(finite0, apply_fn, tf.no_op)
+                self._update_state(finite0, first(flags)[0], first(grad_norm)[0])
+
+            ctx.merge_call(cross_replica, args=(finite, flags, grad_norm, grads, tvs))
+        self._assert_skip_budget()
+
+    def _assert_skip_budget(self):
+        # Eagerly, enforce the budget here. Inside a compiled step a host check would cost a sync
+        # per step (and XLA has no string ops): `kmp.callbacks.PrecisionMonitor` enforces it
+        # from fit's logs instead.
+        import tensorflow as tf
+
+        if not tf.inside_function():
+            self.check_skip_budget()
+
+    # ----------------------------------------------------------------- from Python
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale (a host read)."""
+        return float(ops.convert_to_numpy(self.dynamic_scale)) if self.built else self.initial_scale
+
+    @property
+    def overflow_variables(self) -> list[str]:
+        """Paths of the variables whose gradients were non-finite on the last skipped step."""
+        if not self.built:
+            return []
+        counts = ops.convert_to_numpy(self.nonfinite_counts)
+        return [v.path for v, c in zip(self._trainable_variables, counts) if c > 0]
+
+    def state(self) -> dict:
+        """The scaler state as Python numbers, in one read per variable.
+
+        Example:
+        >>> sorted(LossScaleOptimizer(keras.optimizers.SGD()).state())[:2]
+        ['consecutive_skips', 'grad_norm']
+        """
+        if not self.built:
+            return {"consecutive_skips": 0, "grad_norm": 0.0, "hysteresis_left": self.hysteresis,
+                    "loss_scale": self.initial_scale, "skipped_steps": 0, "step_counter": 0}
+        read = lambda v: ops.convert_to_numpy(v).item()  # noqa: E731
+        return {
+            "consecutive_skips": read(self.consecutive_skips),
+            "grad_norm": read(self.grad_norm),
+            "hysteresis_left": read(self.hysteresis_left),
+            "loss_scale": read(self.dynamic_scale),
+            "skipped_steps": read(self.skipped_steps),
+            "step_counter": read(self.step_counter),
+        }
+
+    def check_skip_budget(self):
+        """Raises `NonFiniteGradientsError` when the consecutive-skip budget is spent."""
+        if self.max_consecutive_skips is None or not self.built:
+            return
+        n = int(ops.convert_to_numpy(self.consecutive_skips))
+        if n >= self.max_consecutive_skips:
+            names = ", ".join(self.overflow_variables) or "(none recorded)"
+            raise NonFiniteGradientsError(
+                f"{n} consecutive steps had non-finite gradients "
+                f"(max_consecutive_skips={self.max_consecutive_skips}); loss scale is "
+                f"{self.loss_scale:g}. Non-finite gradients in: {names}. Look for an overflow in "
+                "those layers (kmp FP32 islands, bfloat16, or a lower learning rate)."
+            )
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "initial_scale": self.initial_scale,
+            "growth_interval": self.growth_interval,
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "hysteresis": self.hysteresis,
+            "min_scale": self.min_scale,
+            "max_scale": self.max_scale,
+            "max_consecutive_skips": self.max_consecutive_skips,
+        }
