@@ -1,0 +1,8 @@
+"""FP32 islands: layers that keep the numerically fragile parts in float32."""
+
+from kmp.layers.attention import CausalSelfAttention
+from kmp.layers.harden import harden
+from kmp.layers.head import LMHead
+from kmp.layers.islands import LayerNorm, RMSNorm, Softmax
+
+__all__ = ["CausalSelfAttention", "LMHead", "LayerNorm", "RMSNorm", "Softmax", "harden"]

@@ -1,0 +1,90 @@
+"""Causal self-attention whose scores and softmax are float32 under any policy."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from kmp.layers.islands import Softmax
+
+
+@keras.saving.register_keras_serializable(package="kmp")
+class CausalSelfAttention(keras.layers.Layer):
+    """Multi-head causal self-attention with a float32 score/softmax island.
+
+    The Q/K/V and output projections run in the compute dtype (Tensor Cores); Q and K are cast
+    to float32 for the scores, the causal and padding masks and the softmax are applied in
+    float32, and the probabilities are rounded to the compute dtype only for the product with V.
+    This holds with and without dropout (keras' MultiHeadAttention computes its softmax in the
+    compute dtype whenever dropout > 0).
+
+    Args:
+        num_heads: int. Number of heads; must divide the input width.
+        dropout: float. Dropout rate on the attention probabilities. Defaults to 0.0.
+        use_bias: bool. Biases in the projections. Defaults to True.
+        kernel_initializer: initializer for the projections. Defaults to "glorot_uniform".
+        **kwargs: Base layer keyword arguments, e.g. `dtype` and `name`.
+
+    Call args:
+        inputs: (batch, seq, hidden) tensor.
+        padding_mask: optional (batch, seq) tensor, 1/True for real tokens.
+        training: bool. Enables dropout.
+
+    Example:
+    >>> import numpy as np
+    >>> CausalSelfAttention(num_heads=2)(np.ones((1, 3, 4), "float32")).shape
+    (1, 3, 4)
+    """
+
+    def __init__(self, num_heads, dropout=0.0, use_bias=True,
+                 kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.softmax = Softmax(dtype=self.dtype_policy, name="softmax")
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy, name="dropout")
+
+    def build(self, input_shape):
+        hidden = input_shape[-1]
+        if hidden % self.num_heads:
+            raise ValueError(
+                f"CausalSelfAttention: input width {hidden} is not divisible by "
+                f"num_heads={self.num_heads}. Use a num_heads that divides {hidden}."
+            )
+        dense = dict(use_bias=self.use_bias, kernel_initializer=self.kernel_initializer,
+                     dtype=self.dtype_policy)
+        self.qkv = keras.layers.Dense(3 * hidden, name="qkv", **dense)
+        self.qkv.build(input_shape)
+        self.output_dense = keras.layers.Dense(hidden, name="output", **dense)
+        self.output_dense.build(input_shape)
+
+    def call(self, inputs, padding_mask=None, training=None):
+        batch, seq, hidden = ops.shape(inputs)[0], ops.shape(inputs)[1], inputs.shape[-1]
+        head_dim = hidden // self.num_heads
+        qkv = ops.reshape(self.qkv(inputs), (batch, seq, 3, self.num_heads, head_dim))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = ops.einsum("bqhd,bkhd->bhqk", ops.cast(q, "float32"), ops.cast(k, "float32"))
+        scores = scores * (float(head_dim) ** -0.5)
+        positions = ops.arange(seq)
+        mask = ops.expand_dims(positions, 1) >= ops.expand_dims(positions, 0)  # (q, k)
+        mask = mask[None, None]
+        if padding_mask is not None:
+            keep = ops.cast(padding_mask, "bool")[:, None, None, :]
+            mask = ops.logical_and(mask, keep)
+        probs = self.dropout_layer(self.softmax(scores, mask=mask), training=training)
+        out = ops.einsum("bhqk,bkhd->bqhd", ops.cast(probs, v.dtype), v)
+        return self.output_dense(ops.reshape(out, (batch, seq, hidden)))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "dropout": self.dropout,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }
