@@ -118,7 +118,8 @@ def _fake(spec: str) -> Hardware:
     if kind == "tpu":
         return Hardware("tpu", "fake TPU")
     if kind == "cpu":
-        return Hardware("cpu", "fake CPU", 2, ("avx512_bf16",) if arg == "bf16" else ())
+        flags = ("avx512_bf16",) if arg == "bf16" else ()
+        return Hardware("cpu", "fake CPU", count=2, cpu_flags=flags)
     raise ValueError(
         f"Unknown KMP_FAKE_HARDWARE={spec!r}. Use gpu:MAJOR.MINOR, tpu, cpu or cpu:bf16."
     )

@@ -102,8 +102,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         _check("initial_scale", initial_scale,
                isinstance(initial_scale, num) and min_scale <= initial_scale <= max_scale,
                f"within [min_scale, max_scale] = [{min_scale}, {max_scale}]")
-        _check("growth_interval", growth_interval, _is_int(growth_interval) and growth_interval >= 1,
-               "an int >= 1")
+        _check("growth_interval", growth_interval,
+               _is_int(growth_interval) and growth_interval >= 1, "an int >= 1")
         _check("growth_factor", growth_factor,
                isinstance(growth_factor, num) and 1 < growth_factor < math.inf, "a number > 1")
         _check("backoff_factor", backoff_factor,

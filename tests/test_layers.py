@@ -8,8 +8,8 @@ from kmp import layers as L
 
 # Relative L2 error bounds against a float32 reference with identical weights and inputs.
 # Half precision keeps 11 (float16) or 8 (bfloat16) significand bits: unit roundoff 4.9e-4 and
-# 3.9e-3. The bounds leave room for a few roundings per layer.
-TOL = {"mixed_float16": 5e-3, "mixed_bfloat16": 4e-2}
+# 3.9e-3. Measured worst cases (docs/precision.md) are 6.6e-4 and 6.5e-3; the bounds leave ~3x.
+TOL = {"mixed_float16": 2e-3, "mixed_bfloat16": 1.6e-2}
 POLICIES = list(TOL)
 
 LAYERS = {

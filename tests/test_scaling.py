@@ -210,7 +210,7 @@ def test_fit_skips_float16_overflow_and_recovers(jit):
     assert opt.loss_scale == 2.0**14
 
 
-def test_mirrored_overflow_in_second_replica_is_skipped():
+def test_overflow_in_second_replica_is_skipped():
     """Case 3 of the issue: keras' own LossScaleOptimizer writes -inf into the kernel here."""
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     keras.config.set_dtype_policy("mixed_float16")
@@ -230,6 +230,49 @@ def test_mirrored_overflow_in_second_replica_is_skipped():
     model.fit(x[:2].repeat(2, 0), np.zeros((4, 1)), batch_size=4, verbose=0)
     assert np.isfinite(model.get_layer("d").kernel.numpy()).all()
     assert int(opt.iterations.numpy()) == 1
+
+
+MWMS_SCRIPT = """
+import json, os
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from tensorflow.python.distribute import collective_all_reduce_strategy as cars
+import kmp
+# One worker, two local devices: MultiWorkerMirroredStrategy's collective all-reduce.
+strategy = cars.CollectiveAllReduceStrategy._from_local_devices(["/cpu:0", "/cpu:1"])
+keras.config.set_dtype_policy("mixed_float16")
+with strategy.scope():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="d")])
+    opt = kmp.LossScaleOptimizer(keras.optimizers.SGD(0.01))
+    model.compile(opt, "mse", jit_compile=False)
+x = np.random.default_rng().normal(size=(4, 4)).astype("float32")
+x[2:] = 60000.0
+before = model.get_layer("d").kernel.numpy().copy()
+model.fit(x, np.zeros((4, 1)), batch_size=4, shuffle=False, verbose=0)
+after = model.get_layer("d").kernel.numpy()
+print(json.dumps({"replicas": strategy.num_replicas_in_sync,
+                  "unchanged": bool(np.array_equal(after, before)),
+                  "state": opt.state(), "overflow": opt.overflow_variables}))
+"""
+
+
+def test_multi_worker_mirrored_overflow_in_second_replica_is_skipped(tmp_path):
+    # Its own process: two collective strategies in one process clash on collective keys.
+    import subprocess
+    import sys
+
+    script = tmp_path / "mwms.py"
+    script.write_text(MWMS_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2 and result["unchanged"]
+    assert result["state"]["skipped_steps"] == 1 and result["state"]["loss_scale"] == 2.0**14
+    assert result["overflow"] == ["sequential/d/kernel", "sequential/d/bias"]
 
 
 def test_keras_saving_round_trips_state(tmp_path):

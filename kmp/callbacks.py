@@ -1,0 +1,134 @@
+"""PrecisionMonitor: loss scale, skipped steps, gradient norm and overflowing variables in fit."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from kmp.scaling import LossScaleOptimizer
+
+LOG_KEYS = ("loss_scale", "skipped_steps", "consecutive_skips", "grad_norm")
+
+
+class ScalerMetrics(keras.metrics.Metric):
+    """Reads a kmp.LossScaleOptimizer's state into the train step's logs (no extra host sync).
+
+    `kmp.compile` attaches one to the model, so fit's logs, History and TensorBoard carry
+    `loss_scale`, `skipped_steps`, `consecutive_skips` and `grad_norm`.
+
+    Args:
+        optimizer: kmp.LossScaleOptimizer. The optimizer to read.
+        name: str. Defaults to "kmp_scaler".
+    """
+
+    def __init__(self, optimizer, name="kmp_scaler", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self._opt = optimizer
+
+    def update_state(self, *args, **kwargs):
+        pass
+
+    def reset_state(self):
+        pass
+
+    def result(self):
+        o = self._opt
+        if not o.built:
+            return {}
+        return {k: ops.cast(getattr(o, v), "float32") for k, v in zip(
+            LOG_KEYS, ("dynamic_scale", "skipped_steps", "consecutive_skips", "grad_norm"))}
+
+
+class PrecisionMonitor(keras.callbacks.Callback):
+    """Watches mixed-precision health during `fit` and stops runaway runs with a clear message.
+
+    With a `kmp.LossScaleOptimizer` it records each skipped step and the variables whose
+    gradients overflowed (one host read, only on skipped steps), and enforces the optimizer's
+    `max_consecutive_skips` budget by raising `kmp.scaling.NonFiniteGradientsError`. Without
+    loss scaling, a non-finite loss means the weights are already damaged: training stops and
+    says so. Scale, skips and gradient norm are in fit's logs when the model was prepared with
+    `kmp.compile`; otherwise this callback reads them from the optimizer every `every` steps.
+
+    Args:
+        every: int. Steps between host reads of the optimizer when the logs lack its state.
+            Defaults to 50.
+        log_dir: str or None. Also write loss scale, skips and gradient norm as TensorBoard
+            scalars every `every` steps, and overflow events as text. Defaults to None.
+        verbose: bool. Print one line per skipped step. Defaults to False.
+
+    Example:
+    >>> monitor = PrecisionMonitor()
+    >>> monitor.events
+    []
+    """
+
+    def __init__(self, every=50, log_dir=None, verbose=False):
+        super().__init__()
+        self.every, self.log_dir, self.verbose = every, log_dir, verbose
+        self.events = []  # (step, [variable paths]) per skipped step
+        self.stopped_reason = None
+        self._step = 0
+        self._skipped = 0
+        self._writer = None
+
+    @property
+    def _scaler(self):
+        opt = getattr(self.model, "optimizer", None)
+        return opt if isinstance(opt, LossScaleOptimizer) else None
+
+    def on_train_begin(self, logs=None):
+        if self.log_dir:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        scaler = self._scaler
+        self._skipped = scaler.state()["skipped_steps"] if scaler is not None else 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        self._step += 1
+        scaler = self._scaler
+        if scaler is None:
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                self.stopped_reason = (
+                    f"kmp.PrecisionMonitor: loss became {float(loss)} at step {self._step} without "
+                    "loss scaling; the weights may already be non-finite. Use kmp.compile under "
+                    "mixed_float16, mixed_bfloat16, or a lower learning rate."
+                )
+                print(self.stopped_reason)
+                self.model.stop_training = True
+            return
+        if "skipped_steps" in logs:
+            state = {k: float(logs[k]) for k in LOG_KEYS}
+        elif self._step % self.every == 0:
+            state = {k: float(v) for k, v in scaler.state().items() if k != "step_counter"}
+        else:
+            return
+        if state["skipped_steps"] > self._skipped:
+            self._skipped = state["skipped_steps"]
+            names = scaler.overflow_variables
+            self.events.append((self._step, names))
+            if self.verbose:
+                print(f"kmp: step {self._step} skipped (loss scale now {state['loss_scale']:g}); "
+                      f"non-finite gradients in: {', '.join(names)}")
+            if self._writer is not None:
+                import tensorflow as tf
+
+                with self._writer.as_default():
+                    tf.summary.text("kmp/overflow_variables", ", ".join(names), step=self._step)
+        budget = scaler.max_consecutive_skips
+        if budget is not None and state["consecutive_skips"] >= budget:
+            scaler.check_skip_budget()
+        if self._writer is not None and self._step % self.every == 0:
+            import tensorflow as tf
+
+            with self._writer.as_default():
+                for key in ("loss_scale", "skipped_steps", "grad_norm"):
+                    tf.summary.scalar(f"kmp/{key}", state[key], step=self._step)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.flush()

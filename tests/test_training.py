@@ -1,0 +1,114 @@
+import keras
+import numpy as np
+import pytest
+
+import kmp
+from kmp.scaling import NonFiniteGradientsError
+
+
+def _model(dtype=None, inner_dtype=None):
+    return keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(8, dtype=inner_dtype or dtype, name="hidden"),
+        keras.layers.Dense(1, dtype=dtype, name="out"),
+    ])
+
+
+def _data(n=32, bad_rows=0):
+    rng = np.random.default_rng()
+    x = rng.normal(size=(n, 4)).astype("float32")
+    x[:bad_rows] = 60000.0
+    return x, x.sum(1, keepdims=True) * 0.1
+
+
+@pytest.mark.parametrize(
+    "setup, wraps",
+    [
+        (lambda: (kmp.set_policy("mixed_float16"), _model())[1], True),
+        (lambda: _model(inner_dtype="float16"), True),  # pure float16 layer: keras misses it
+        (lambda: _model(dtype=keras.dtype_policies.DTypePolicyMap(
+            default_policy="mixed_float16")), True),
+        (lambda: (kmp.set_policy("mixed_bfloat16"), _model())[1], False),
+        (lambda: _model(), False),
+    ],
+    ids=["mixed_float16", "float16_layer", "policy_map", "mixed_bfloat16", "float32"],
+)
+def test_compile_wraps_exactly_when_a_layer_computes_in_float16(setup, wraps):
+    model = setup()
+    opt = kmp.compile(model, keras.optimizers.SGD(0.01), "mse")
+    assert isinstance(opt, kmp.LossScaleOptimizer) == wraps
+    assert model.optimizer is opt
+    x, y = _data()
+    hist = model.fit(x, y, batch_size=8, verbose=0)
+    assert ("loss_scale" in hist.history) == wraps
+    assert np.isfinite(hist.history["loss"]).all()
+
+
+def test_compile_replaces_keras_loss_scale_optimizer_and_takes_knobs():
+    kmp.set_policy("mixed_float16")
+    inner = keras.optimizers.Adam()
+    opt = kmp.compile(_model(), keras.optimizers.LossScaleOptimizer(inner), "mse",
+                      loss_scale={"hysteresis": 2, "initial_scale": 256.0})
+    assert type(opt) is kmp.LossScaleOptimizer and opt.inner_optimizer is inner
+    assert (opt.hysteresis, opt.initial_scale) == (2, 256.0)
+
+
+def test_compile_rejects_loss_scale_without_float16():
+    with pytest.raises(ValueError, match="no layer computes in float16"):
+        kmp.compile(_model(), "sgd", "mse", loss_scale={"hysteresis": 2})
+
+
+def test_compile_takes_jit_from_the_plan():
+    plan = kmp.set_policy("mixed_bfloat16")
+    model = _model()
+    kmp.compile(model, "sgd", "mse")
+    assert model.jit_compile == plan.jit_compile
+    kmp.compile(model, "sgd", "mse", jit_compile=not plan.jit_compile)
+    assert model.jit_compile == (not plan.jit_compile)
+
+
+def test_plain_path_set_policy_then_keras_compile_still_works():
+    kmp.set_policy("mixed_float16")
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    x, y = _data()
+    assert np.isfinite(model.fit(x, y, batch_size=8, verbose=0).history["loss"]).all()
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_monitor_records_overflows_in_logs_and_events(jit, tmp_path):
+    kmp.set_policy("mixed_float16")
+    model = _model()
+    kmp.compile(model, keras.optimizers.SGD(0.01), "mse", jit_compile=jit)
+    x, y = _data(bad_rows=8)
+    monitor = kmp.PrecisionMonitor(log_dir=str(tmp_path / "tb"), every=1)
+    hist = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+    assert hist.history["skipped_steps"] == [1.0, 2.0]
+    assert hist.history["loss_scale"] == [2.0**14, 2.0**13]
+    assert [step for step, _ in monitor.events] == [1, 5]
+    assert monitor.events[0][1] == ["sequential/hidden/kernel", "sequential/hidden/bias",
+                                    "sequential/out/kernel", "sequential/out/bias"]
+    assert np.isfinite(model.get_layer("out").kernel.numpy()).all()
+    assert any((tmp_path / "tb").iterdir())
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_monitor_enforces_skip_budget_in_fit(jit):
+    kmp.set_policy("mixed_float16")
+    model = _model()
+    kmp.compile(model, keras.optimizers.SGD(0.01), "mse", jit_compile=jit,
+                loss_scale={"max_consecutive_skips": 3})
+    x, y = _data(bad_rows=32)  # every step overflows
+    with pytest.raises(NonFiniteGradientsError, match="3 consecutive steps.*sequential/out/kernel"):
+        model.fit(x, y, batch_size=4, verbose=0, callbacks=[kmp.PrecisionMonitor()])
+
+
+def test_monitor_stops_on_non_finite_loss_without_scaling():
+    model = _model()
+    kmp.compile(model, keras.optimizers.SGD(1e30), "mse")
+    x, y = _data()
+    monitor = kmp.PrecisionMonitor()
+    hist = model.fit(x, y, batch_size=4, epochs=5, verbose=0, callbacks=[monitor])
+    assert "without loss scaling" in monitor.stopped_reason
+    assert len(hist.history["loss"]) < 5
