@@ -152,6 +152,13 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         keras.optimizers.Optimizer.build(self, var_list)
 
     # ----------------------------------------------------------------- the step
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        # keras' inherited version would run its own unbounded rule: refuse instead.
+        raise NotImplementedError(
+            "kmp.LossScaleOptimizer implements the stateful apply() used by the TensorFlow and "
+            "torch backends; the JAX backend's stateless_apply is not supported yet."
+        )
+
     def apply(self, grads, trainable_variables=None):
         if not self.built:
             with keras.name_scope(self.name, caller=self):

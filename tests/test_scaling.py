@@ -320,3 +320,9 @@ def test_backup_and_restore_keeps_scaler_state(tmp_path):
     straight = run([], 4)
     assert resumed.state() == straight.state()
     assert resumed.state()["skipped_steps"] == 4
+
+
+def test_stateless_apply_refuses_instead_of_running_keras_rule():
+    opt = LossScaleOptimizer(keras.optimizers.SGD())
+    with pytest.raises(NotImplementedError, match="stateless_apply is not supported"):
+        opt.stateless_apply([], [], [])
