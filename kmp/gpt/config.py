@@ -1,0 +1,177 @@
+"""The GPT recipe's config: a typed dataclass whose defaults are the small CPU run, and presets.
+
+The tiny and small sizes and step counts are first guesses, not yet timed: the pretraining
+recipe (issue 3) must measure them (tiny should finish in about 3 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from kmp.policy import CHOICES
+
+STRATEGIES = ("default", "mirrored")
+
+
+def pad_vocab(size: int, multiple: int = 64) -> int:
+    """Rounds a vocabulary size up to a multiple of 64, so the logits matmul suits Tensor Cores.
+
+    Example:
+    >>> pad_vocab(50257)
+    50304
+    """
+    return -(-size // multiple) * multiple
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    """Everything a pretraining run needs; the defaults are the `tiny` CPU run.
+
+    Args:
+        preset: str. Name of the preset this config came from.
+        vocab_size: int. BPE vocabulary size (padded up to a multiple of 64).
+        num_layers, num_heads, hidden_dim, intermediate_dim: int. Model shape.
+        seq_len: int. Training window length in tokens (the model's maximum length).
+        dropout: float. Dropout in the backbone.
+        batch_size: int. Sequences per step (per replica sum).
+        grad_accum: int. Micro-steps per optimizer update (1 = none).
+        steps: int. Optimizer steps to train.
+        learning_rate, weight_decay, grad_clip: float. AdamW with global-norm clipping.
+        warmup_steps: int. Linear warm-up before cosine decay.
+        val_every: int. Steps between validation evaluations.
+        precision: str. auto, float32, mixed_float16 or mixed_bfloat16.
+        jit: bool or None. XLA; None takes the precision plan's recommendation.
+        strategy: str. "default" or "mirrored".
+        corpus: str. "stdlib", or a file, directory or glob of UTF-8 text.
+        out: str. Output directory.
+        seed: int. Seed for data order and initialization.
+        resume: bool. Continue from the checkpoint in `out`.
+    """
+
+    preset: str = "tiny"
+    vocab_size: int = 4096
+    num_layers: int = 2
+    num_heads: int = 4
+    hidden_dim: int = 128
+    intermediate_dim: int = 512
+    seq_len: int = 128
+    dropout: float = 0.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int = 400
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_steps: int = 40
+    val_every: int = 100
+    precision: str = "auto"
+    jit: bool | None = None
+    strategy: str = "default"
+    corpus: str = "stdlib"
+    out: str = "runs/tiny"
+    seed: int = 0
+    resume: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raises ValueError, saying what was received, for any inconsistent field."""
+        positive = ("vocab_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
+                    "seq_len", "batch_size", "grad_accum", "steps", "val_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(
+                f"hidden_dim must be divisible by num_heads. Received: hidden_dim="
+                f"{self.hidden_dim}, num_heads={self.num_heads}"
+            )
+        if self.precision not in CHOICES:
+            raise ValueError(
+                f"Unknown precision {self.precision!r}. Use one of: {', '.join(CHOICES)}."
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"Unknown strategy {self.strategy!r}. Use one of: {', '.join(STRATEGIES)}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1). Received: dropout={self.dropout!r}")
+        self.vocab_size = pad_vocab(self.vocab_size)
+
+    def to_json(self) -> str:
+        """The whole config as indented JSON (what a run saves as config.json)."""
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _tiny():
+    return GPTConfig()
+
+
+def _small():
+    return GPTConfig(preset="small", vocab_size=8192, num_layers=4, num_heads=8, hidden_dim=256,
+                     intermediate_dim=1024, seq_len=256, batch_size=16, steps=2000,
+                     learning_rate=1e-3, warmup_steps=100, val_every=200, out="runs/small")
+
+
+def _gpt2(name, layers, hidden, heads):
+    return GPTConfig(preset=name, vocab_size=50257, num_layers=layers, num_heads=heads,
+                     hidden_dim=hidden, intermediate_dim=4 * hidden, seq_len=1024, dropout=0.0,
+                     batch_size=16, grad_accum=1, steps=20000, learning_rate=6e-4,
+                     warmup_steps=700, val_every=500, out=f"runs/{name}")
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "small": _small,
+    "gpt2-124m": lambda: _gpt2("gpt2-124m", 12, 768, 12),  # GPT-2 small
+    "gpt2-355m": lambda: _gpt2("gpt2-355m", 24, 1024, 16),  # GPT-2 medium
+}
+
+
+def preset(name: str = "tiny", **overrides) -> GPTConfig:
+    """Returns the named preset with `overrides` applied (and validated).
+
+    Args:
+        name: str. One of `PRESETS`. Defaults to "tiny".
+        **overrides: Any `GPTConfig` field.
+
+    Raises:
+        ValueError: for an unknown preset or field, or an invalid value.
+
+    Example:
+    >>> preset("gpt2-124m").vocab_size
+    50304
+    """
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}. Use one of: {', '.join(PRESETS)}.")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"Unknown config field(s): {', '.join(unknown)}.")
+    return dataclasses.replace(PRESETS[name](), **overrides)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds `--preset` and one `--field-name` option per config field (default: the preset's)."""
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    for f in dataclasses.fields(GPTConfig):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type))
+        if kind is None:  # bool and bool | None
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None)
+
+
+def from_args(args: argparse.Namespace) -> GPTConfig:
+    """The preset named by `args.preset`, with every option the user gave applied."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig)
+             if f.name != "preset" and getattr(args, f.name, None) is not None}
+    return preset(args.preset, **given)

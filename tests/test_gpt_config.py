@@ -1,0 +1,65 @@
+import argparse
+import json
+
+import pytest
+
+from kmp.gpt import PRESETS, GPTConfig, add_arguments, from_args, preset
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return from_args(parser.parse_args(argv))
+
+
+def test_defaults_are_the_tiny_preset():
+    assert GPTConfig() == preset("tiny")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_valid_and_tensor_core_friendly(name):
+    cfg = preset(name)
+    assert cfg.preset == name and cfg.vocab_size % 64 == 0
+    assert cfg.hidden_dim % cfg.num_heads == 0 and cfg.hidden_dim % 8 == 0
+
+
+def test_gpt2_124m_is_gpt2_small():
+    cfg = preset("gpt2-124m")
+    shape = (cfg.num_layers, cfg.hidden_dim, cfg.num_heads, cfg.seq_len, cfg.vocab_size)
+    assert shape == (12, 768, 12, 1024, 50304)
+
+
+def test_every_field_overrides_from_the_command_line():
+    cfg = parse("--preset", "small", "--steps", "7", "--batch-size", "3", "--precision",
+                "float32", "--no-jit", "--learning-rate", "0.5", "--out", "x", "--resume")
+    assert (cfg.preset, cfg.steps, cfg.batch_size, cfg.precision) == ("small", 7, 3, "float32")
+    assert (cfg.jit, cfg.learning_rate, cfg.out, cfg.resume) == (False, 0.5, "x", True)
+    assert cfg.num_layers == preset("small").num_layers  # untouched fields keep the preset's
+    assert parse("--jit").jit is True and parse().jit is None
+
+
+def test_config_round_trips_through_json():
+    cfg = preset("small", seed=3)
+    assert GPTConfig(**json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"steps": 0}, "steps must be a positive integer. Received: steps=0"),
+        ({"batch_size": -2}, "batch_size must be a positive integer"),
+        ({"num_heads": 3}, "hidden_dim must be divisible by num_heads"),
+        ({"precision": "fp16"}, "Unknown precision 'fp16'"),
+        ({"strategy": "tpu"}, "Unknown strategy 'tpu'"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"bogus": 1}, "Unknown config field"),
+    ],
+)
+def test_bad_values_are_one_line_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        preset("tiny", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="Unknown preset 'huge'. Use one of: tiny, small"):
+        preset("huge")
