@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 from keras import ops
 
-from kmp.scaling import LossScaleOptimizer
+from kmp.scaling import STATE_VARIABLES, LossScaleOptimizer
 
 LOG_KEYS = ("loss_scale", "skipped_steps", "consecutive_skips", "grad_norm")
 
@@ -37,8 +38,7 @@ class ScalerMetrics(keras.metrics.Metric):
         o = self._opt
         if not o.built:
             return {}
-        return {k: ops.cast(getattr(o, v), "float32") for k, v in zip(
-            LOG_KEYS, ("dynamic_scale", "skipped_steps", "consecutive_skips", "grad_norm"))}
+        return {k: ops.cast(getattr(o, STATE_VARIABLES[k]), "float32") for k in LOG_KEYS}
 
 
 class PrecisionMonitor(keras.callbacks.Callback):
@@ -80,8 +80,6 @@ class PrecisionMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.log_dir:
-            import tensorflow as tf
-
             self._writer = tf.summary.create_file_writer(self.log_dir)
         scaler = self._scaler
         self._skipped = scaler.state()["skipped_steps"] if scaler is not None else 0
@@ -104,7 +102,7 @@ class PrecisionMonitor(keras.callbacks.Callback):
         if "skipped_steps" in logs:
             state = {k: float(logs[k]) for k in LOG_KEYS}
         elif self._step % self.every == 0:
-            state = {k: float(v) for k, v in scaler.state().items() if k != "step_counter"}
+            state = scaler.state()
         else:
             return
         if state["skipped_steps"] > self._skipped:
@@ -115,16 +113,12 @@ class PrecisionMonitor(keras.callbacks.Callback):
                 print(f"kmp: step {self._step} skipped (loss scale now {state['loss_scale']:g}); "
                       f"non-finite gradients in: {', '.join(names)}")
             if self._writer is not None:
-                import tensorflow as tf
-
                 with self._writer.as_default():
                     tf.summary.text("kmp/overflow_variables", ", ".join(names), step=self._step)
         budget = scaler.max_consecutive_skips
         if budget is not None and state["consecutive_skips"] >= budget:
             scaler.check_skip_budget()
         if self._writer is not None and self._step % self.every == 0:
-            import tensorflow as tf
-
             with self._writer.as_default():
                 for key in ("loss_scale", "skipped_steps", "grad_norm"):
                     tf.summary.scalar(f"kmp/{key}", state[key], step=self._step)

@@ -9,7 +9,7 @@ import sys
 
 def _doctor(args) -> int:
     from kmp.hardware import detect
-    from kmp.policy import CHOICES, plan
+    from kmp.policy import POLICIES, plan
 
     hw = detect()
     print(f"kmp doctor\n  hardware: {hw.describe()}")
@@ -19,7 +19,7 @@ def _doctor(args) -> int:
     print(f"  versions: keras {keras.__version__}, tensorflow {tf.__version__}, "
           f"backend {keras.backend.backend()}")
     print("  plans:")
-    for name in CHOICES[1:]:
+    for name in POLICIES:
         p = plan(name, hw)
         note = f"  [warning: {p.warning}]" if p.warning else ""
         xla = "on " if p.jit_compile else "off"

@@ -9,6 +9,16 @@ import numpy as np
 from keras import ops
 from keras.src.utils import tracking
 
+# The scaler state as `state()` and fit's logs name it -> the optimizer variable holding it.
+STATE_VARIABLES = {
+    "loss_scale": "dynamic_scale",
+    "step_counter": "step_counter",
+    "hysteresis_left": "hysteresis_left",
+    "skipped_steps": "skipped_steps",
+    "consecutive_skips": "consecutive_skips",
+    "grad_norm": "grad_norm",
+}
+
 
 class NonFiniteGradientsError(RuntimeError):
     """Raised when more consecutive steps than allowed had non-finite gradients."""
@@ -17,6 +27,14 @@ class NonFiniteGradientsError(RuntimeError):
 def _check(name, value, ok, need):
     if not ok:
         raise ValueError(f"LossScaleOptimizer: {name} must be {need}. Received: {name}={value!r}")
+
+
+def _in_compiled_function():
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.inside_function()
 
 
 def _is_int(x):
@@ -170,9 +188,12 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         if keras.backend.backend() == "tensorflow":
             self._tf_apply_kmp(flags, grads, tvs)
         else:
-            finite = ops.equal(ops.sum(flags), 0)
-            ops.cond(finite, lambda: self._apply_finite(grads, tvs), lambda: None)
-            self._update_state(finite, flags, self._local_grad_norm(grads))
+            self._apply_and_update(flags, self._local_grad_norm(grads), grads, tvs)
+        # Eagerly, enforce the budget here. Inside a compiled step a host check would cost a sync
+        # per step (and XLA has no string ops): `kmp.callbacks.PrecisionMonitor` enforces it
+        # from fit's logs instead.
+        if not _in_compiled_function():
+            self.check_skip_budget()
 
     def _nonfinite_flags(self, grads, tvs):
         """int32 vector over the built variables: 1 where that gradient has an inf or NaN."""
@@ -196,6 +217,12 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             for g, v in zip(grads, variables)
         ]
         self.inner_optimizer.apply(unscaled, trainable_variables=tvs)
+
+    def _apply_and_update(self, flags, grad_norm, grads, tvs):
+        """Applies the step if every flag is 0, then updates the scaler state (one context)."""
+        finite = ops.equal(ops.sum(flags), 0)
+        ops.cond(finite, lambda: self._apply_finite(grads, tvs), lambda: None)
+        self._update_state(finite, flags, grad_norm)
 
     def _update_state(self, finite, flags, grad_norm):
         """Scale, growth tracker, hysteresis and counters after one step (branch-free)."""
@@ -229,13 +256,12 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         # replica skips when any replica saw an inf/NaN (Keras decides on replica 0's flags).
         if ctx.num_replicas_in_sync > 1:
             flags = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flags)
-        finite = tf.equal(tf.reduce_sum(flags), 0)
         grad_norm = self._local_grad_norm(grads)
 
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            tf.cond(finite, lambda: self._apply_finite(grads, tvs) or tf.no_op(), tf.no_op)
-            self._update_state(finite, flags, grad_norm)
+            self._apply_and_update(flags, grad_norm, grads, tvs)
         else:
+            finite = tf.equal(tf.reduce_sum(flags), 0)
 
             def cross_replica(distribution, finite, flags, grad_norm, grads, tvs):
                 first = distribution.experimental_local_results
@@ -252,16 +278,6 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 self._update_state(finite0, first(flags)[0], first(grad_norm)[0])
 
             ctx.merge_call(cross_replica, args=(finite, flags, grad_norm, grads, tvs))
-        self._assert_skip_budget()
-
-    def _assert_skip_budget(self):
-        # Eagerly, enforce the budget here. Inside a compiled step a host check would cost a sync
-        # per step (and XLA has no string ops): `kmp.callbacks.PrecisionMonitor` enforces it
-        # from fit's logs instead.
-        import tensorflow as tf
-
-        if not tf.inside_function():
-            self.check_skip_budget()
 
     # ----------------------------------------------------------------- from Python
     @property
@@ -281,21 +297,15 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         """The scaler state as Python numbers, in one read per variable.
 
         Example:
-        >>> sorted(LossScaleOptimizer(keras.optimizers.SGD()).state())[:2]
-        ['consecutive_skips', 'grad_norm']
+        >>> LossScaleOptimizer(keras.optimizers.SGD()).state()["loss_scale"]
+        32768.0
         """
         if not self.built:
-            return {"consecutive_skips": 0, "grad_norm": 0.0, "hysteresis_left": self.hysteresis,
-                    "loss_scale": self.initial_scale, "skipped_steps": 0, "step_counter": 0}
-        read = lambda v: ops.convert_to_numpy(v).item()  # noqa: E731
-        return {
-            "consecutive_skips": read(self.consecutive_skips),
-            "grad_norm": read(self.grad_norm),
-            "hysteresis_left": read(self.hysteresis_left),
-            "loss_scale": read(self.dynamic_scale),
-            "skipped_steps": read(self.skipped_steps),
-            "step_counter": read(self.step_counter),
-        }
+            return {"loss_scale": self.initial_scale, "step_counter": 0,
+                    "hysteresis_left": self.hysteresis, "skipped_steps": 0,
+                    "consecutive_skips": 0, "grad_norm": 0.0}
+        return {key: ops.convert_to_numpy(getattr(self, name)).item()
+                for key, name in STATE_VARIABLES.items()}
 
     def check_skip_budget(self):
         """Raises `NonFiniteGradientsError` when the consecutive-skip budget is spent."""

@@ -6,6 +6,7 @@ import keras
 
 from kmp.callbacks import ScalerMetrics
 from kmp.layers import harden
+from kmp.layers.harden import tracking_unlocked
 from kmp.policy import POLICIES
 from kmp.policy import plan as make_plan
 from kmp.scaling import LossScaleOptimizer
@@ -78,9 +79,6 @@ def compile(  # noqa: A001 - mirrors keras.Model.compile on purpose
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile,
                   **compile_kwargs)
     if isinstance(optimizer, LossScaleOptimizer):
-        locked = model._tracker.locked
-        model._tracker.unlock()
-        model._kmp_scaler_metrics = ScalerMetrics(optimizer)
-        if locked:
-            model._tracker.lock()
+        with tracking_unlocked(model):
+            model._kmp_scaler_metrics = ScalerMetrics(optimizer)
     return optimizer

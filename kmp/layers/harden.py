@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 
 from kmp.layers.islands import Softmax
+
+
+@contextlib.contextmanager
+def tracking_unlocked(layer):
+    """Lets a built layer take a new sublayer or metric (keras locks built layers' tracking)."""
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        yield layer
+    finally:
+        if locked:
+            layer._tracker.lock()
 
 
 def harden(model, float32_residual=False):
@@ -45,11 +59,8 @@ def harden(model, float32_residual=False):
             layer._softmax, Softmax
         ):
             old = layer._softmax
-            locked = layer._tracker.locked  # keras locks built layers against new sublayers
-            layer._tracker.unlock()
-            layer._softmax = Softmax(axis=old.axis, dtype=old.dtype_policy, name=old.name)
-            if locked:
-                layer._tracker.lock()
+            with tracking_unlocked(layer):
+                layer._softmax = Softmax(axis=old.axis, dtype=old.dtype_policy, name=old.name)
     if float32_residual:
         stream = ("embeddings_add", "embeddings_dropout", "layer_norm")
         if not hasattr(backbone, "transformer_layers") or not all(
