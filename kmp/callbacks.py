@@ -1,8 +1,9 @@
-"""PrecisionMonitor: loss scale, skipped steps, gradient norm and overflowing variables in fit."""
+"""Callbacks: PrecisionMonitor (loss scale, skips, overflowing variables) and Throughput."""
 
 from __future__ import annotations
 
 import math
+import time
 
 import keras
 import tensorflow as tf
@@ -126,3 +127,65 @@ class PrecisionMonitor(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.flush()
+
+
+class Throughput(keras.callbacks.Callback):
+    """Measures training tokens/s and model FLOPs utilization (MFU) during `fit`.
+
+    It reads the loss (a host sync) only every `every` batches and times whole windows of
+    `every` batches inside an epoch, so compilation (the first window), validation and
+    checkpointing between epochs are not counted. At each epoch end it adds `tokens_per_sec`
+    (and `mfu` when `peak_flops` is known) to the logs, for History and TensorBoard.
+
+    Args:
+        tokens_per_batch: int. Tokens in one batch (global batch size x sequence length).
+        flops_per_token: float or None. Training FLOPs per token. Defaults to None.
+        peak_flops: float or None. The devices' combined peak FLOP/s. Defaults to None.
+        every: int. Batches per timed window. Defaults to 10.
+
+    Example:
+    >>> t = Throughput(tokens_per_batch=2048)
+    >>> t.tokens_per_sec is None
+    True
+    """
+
+    def __init__(self, tokens_per_batch, flops_per_token=None, peak_flops=None, every=10):
+        super().__init__()
+        self.tokens_per_batch, self.every = tokens_per_batch, every
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.tokens = 0
+        self.seconds = 0.0
+        self._mark = None
+
+    @property
+    def tokens_per_sec(self):
+        """Tokens per second over all timed windows so far, or None before the first one."""
+        return self.tokens / self.seconds if self.seconds else None
+
+    @property
+    def mfu(self):
+        """Achieved model FLOP/s over the peak, or None where either is unknown."""
+        if self.tokens_per_sec is None or not self.flops_per_token or not self.peak_flops:
+            return None
+        return self.tokens_per_sec * self.flops_per_token / self.peak_flops
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._mark, self._batches = None, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self._batches % self.every:
+            return
+        if logs and "loss" in logs:
+            float(logs["loss"])  # wait for the step to finish
+        now = time.perf_counter()
+        if self._mark is not None:
+            self.tokens += self.every * self.tokens_per_batch
+            self.seconds += now - self._mark
+        self._mark = now
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.tokens_per_sec is not None:
+            logs["tokens_per_sec"] = self.tokens_per_sec
+            if self.mfu is not None:
+                logs["mfu"] = self.mfu

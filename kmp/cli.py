@@ -31,14 +31,73 @@ def _doctor(args) -> int:
     return 0
 
 
+def _pretrain(args, rest) -> int:
+    from kmp.recipes import pretrain_gpt
+
+    return pretrain_gpt.main(rest)
+
+
+def _bench(args, rest) -> int:
+    from pathlib import Path
+
+    from kmp import bench
+    from kmp.gpt.config import add_arguments, from_args
+
+    parser = argparse.ArgumentParser(
+        prog="kmp bench", description="Train a GPT preset under each precision and XLA "
+        "setting, interleaved in one process; print a table and write bench.json/bench.md "
+        "to --out.")
+    add_arguments(parser)
+    parser.add_argument("--policies", default="float32,mixed_float16,mixed_bfloat16,auto",
+                        help="comma-separated; auto adds the plan's pick")
+    parser.add_argument("--xla", default="on,off", help="comma-separated XLA settings: on,off")
+    parser.add_argument("--chunk", type=int, default=10, help="steps per turn")
+    parser.add_argument("--repeats", type=int, default=3, help="timed turns per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
+    opts = parser.parse_args(rest)
+    config = from_args(opts)
+    xla = []
+    for word in opts.xla.split(","):
+        if word not in ("on", "off"):
+            raise ValueError(f"Unknown --xla setting {word!r}. Use on, off or on,off.")
+        xla.append(word == "on")
+    for name, value in (("chunk", opts.chunk), ("repeats", opts.repeats),
+                        ("warmup", opts.warmup)):
+        if value < 1:
+            raise ValueError(f"--{name} must be a positive integer. Received: {value}")
+    runs = bench.benchmark(config, opts.policies.split(","), xla, opts.chunk, opts.repeats,
+                           opts.warmup)
+    from kmp.hardware import detect
+
+    hw = detect().describe()
+    title = (f"{config.preset}: batch {config.batch_size} x {config.seq_len} tokens, "
+             f"{opts.repeats} x {opts.chunk} timed steps per run, on {hw}")
+    table = bench.to_markdown(runs, title)
+    print("\n" + table)
+    out = Path(config.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(bench.to_json(runs, config, hw))
+    (out / "bench.md").write_text(table + "\n")
+    print(f"\nwritten: {out / 'bench.json'}, {out / 'bench.md'}")
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the `kmp` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = argparse.ArgumentParser(prog="kmp", description="Keras mixed-precision kit.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="show the hardware, the plan for each policy, and the pick")
-    args = parser.parse_args(argv)
+    sub.add_parser("pretrain", add_help=False,
+                   help="pretrain a GPT on a corpus (kmp pretrain --help lists the options)")
+    sub.add_parser("bench", add_help=False,
+                   help="compare precisions and XLA on a GPT preset (kmp bench --help)")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("pretrain", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if args.command in ("pretrain", "bench"):
+            return {"pretrain": _pretrain, "bench": _bench}[args.command](args, rest)
         return {"doctor": _doctor}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, exit 2
         print(f"kmp: error: {e}", file=sys.stderr)

@@ -123,3 +123,38 @@ def _fake(spec: str) -> Hardware:
     raise ValueError(
         f"Unknown KMP_FAKE_HARDWARE={spec!r}. Use gpu:MAJOR.MINOR, tpu, cpu or cpu:bf16."
     )
+
+
+# Dense (no sparsity) tensor-core peaks per GPU in TFLOP/s: (16-bit, float32 via TF32 or plain
+# FP32 where there is no TF32). From NVIDIA's H100/H200, A100, L4, A10, V100 and T4 datasheets.
+# First match wins, so "H100 PCIe" precedes "H100". V100 and T4 have no bfloat16 tensor cores.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100", 989.0, 495.0),
+    ("H200", 989.0, 495.0),
+    ("A100", 312.0, 156.0),
+    ("L4", 121.0, 60.0),
+    ("A10", 125.0, 62.5),
+    ("V100", 125.0, 15.7),
+    ("T4", 65.0, 8.1),
+)
+
+
+def peak_flops(hw: Hardware, compute_dtype: str) -> float | None:
+    """One device's peak FLOP/s for matmuls in `compute_dtype`, or None where it is unknown.
+
+    Known for the NVIDIA GPUs in `PEAK_TFLOPS` (float32 means TF32 on Ampere and newer, which
+    TensorFlow enables by default). CPUs and TPUs return None.
+
+    Example:
+    >>> peak_flops(Hardware("gpu", "NVIDIA H100 80GB HBM3", (9, 0)), "bfloat16")
+    989000000000000.0
+    """
+    if hw.kind != "gpu":
+        return None
+    for key, half, single in PEAK_TFLOPS:
+        if key in hw.name:
+            if compute_dtype == "bfloat16" and key in ("V100", "T4"):
+                return None
+            return (single if compute_dtype == "float32" else half) * 1e12
+    return None

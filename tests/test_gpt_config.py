@@ -63,3 +63,30 @@ def test_bad_values_are_one_line_errors(overrides, message):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="Unknown preset 'huge'. Use one of: tiny, small"):
         preset("huge")
+
+
+def test_param_count_matches_the_built_model():
+    import kmp.gpt as gpt
+
+    for config in (gpt.preset("tiny"), gpt.preset("tiny", num_layers=3, vocab_size=1000),
+                   gpt.preset("gpt2-124m")):
+        model = gpt.build_model(config)
+        assert model.count_params() == gpt.param_count(config)
+    # GPT-2 small: 124.4M with the 50257-token vocabulary (Radford et al. 2019 report 117M with
+    # a different count); 6N + 12·L·H·Q·T per token.
+    config = gpt.preset("gpt2-124m", vocab_size=50257)
+    assert gpt.param_count(config) == 124_439_808 + 47 * 768
+    assert gpt.flops_per_token(config) == (6 * (gpt.param_count(config) - 1024 * 768)
+                                           + 12 * 12 * 768 * 1024)
+
+
+def test_eval_interval_divides_steps():
+    import pytest
+
+    import kmp.gpt as gpt
+
+    assert gpt.preset("tiny", steps=600, val_every=100).eval_interval == 100
+    assert gpt.preset("tiny", steps=250, val_every=100).eval_interval == 50
+    assert gpt.preset("tiny", steps=30, val_every=100).eval_interval == 30
+    with pytest.raises(ValueError, match="multiple of --val-every"):
+        gpt.preset("tiny", steps=101, val_every=100).eval_interval  # noqa: B018

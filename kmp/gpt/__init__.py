@@ -1,5 +1,11 @@
-"""GPT pieces on KerasHub: config and presets (corpus, tokenizer and model builder to come)."""
+"""GPT pieces on KerasHub for the pretraining recipe: config and presets, data, model, reports."""
 
 from kmp.gpt.config import PRESETS, GPTConfig, add_arguments, from_args, preset
+from kmp.gpt.data import TokenCache, build_token_cache, train_dataset, val_dataset
+from kmp.gpt.model import build_model, flops_per_token, load_model, make_optimizer, param_count
 
-__all__ = ["GPTConfig", "PRESETS", "add_arguments", "from_args", "preset"]
+__all__ = [
+    "GPTConfig", "PRESETS", "TokenCache", "add_arguments", "build_model", "build_token_cache",
+    "flops_per_token", "from_args", "load_model", "make_optimizer", "param_count", "preset",
+    "train_dataset", "val_dataset",
+]

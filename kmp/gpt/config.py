@@ -35,23 +35,29 @@ class GPTConfig:
         num_layers, num_heads, hidden_dim, intermediate_dim: int. Model shape.
         seq_len: int. Training window length in tokens (the model's maximum length).
         dropout: float. Dropout in the backbone.
-        batch_size: int. Sequences per step (per replica sum).
+        batch_size: int. Sequences per micro-batch, all replicas together (an optimizer step
+            sees batch_size x grad_accum).
         grad_accum: int. Micro-steps per optimizer update (1 = none).
         steps: int. Optimizer steps to train.
         learning_rate, weight_decay, grad_clip: float. AdamW with global-norm clipping.
         warmup_steps: int. Linear warm-up before cosine decay.
-        val_every: int. Steps between validation evaluations.
+        val_every: int. Steps between validation evaluations (and checkpoints); lowered to
+            the largest divisor of `steps` below it (an error if that is under half).
+        val_batches: int. Batches of held-out windows per validation.
         precision: str. auto, float32, mixed_float16 or mixed_bfloat16.
         jit: bool or None. XLA; None takes the precision plan's recommendation.
         strategy: str. "default" or "mirrored".
         corpus: str. "stdlib", or a file, directory or glob of UTF-8 text.
+        cache_dir: str. Where tokenizers and token caches are kept between runs.
+        prompt: str. Prompt for the samples written at the end.
+        samples: int. How many samples to write (0: none).
         out: str. Output directory.
         seed: int. Seed for data order and initialization.
         resume: bool. Continue from the checkpoint in `out`.
     """
 
     preset: str = "tiny"
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     num_layers: int = 2
     num_heads: int = 4
     hidden_dim: int = 128
@@ -60,16 +66,20 @@ class GPTConfig:
     dropout: float = 0.0
     batch_size: int = 16
     grad_accum: int = 1
-    steps: int = 400
-    learning_rate: float = 3e-3
+    steps: int = 600
+    learning_rate: float = 2e-3
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    warmup_steps: int = 40
+    warmup_steps: int = 30
     val_every: int = 100
+    val_batches: int = 16
     precision: str = "auto"
     jit: bool | None = None
     strategy: str = "default"
     corpus: str = "stdlib"
+    cache_dir: str = "~/.cache/kmp"
+    prompt: str = "def"
+    samples: int = 3
     out: str = "runs/tiny"
     seed: int = 0
     resume: bool = False
@@ -80,7 +90,7 @@ class GPTConfig:
     def validate(self):
         """Raises ValueError, saying what was received, for any inconsistent field."""
         positive = ("vocab_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
-                    "seq_len", "batch_size", "grad_accum", "steps", "val_every")
+                    "seq_len", "batch_size", "grad_accum", "steps", "val_every", "val_batches")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -101,6 +111,27 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1). Received: dropout={self.dropout!r}")
         self.vocab_size = pad_vocab(self.vocab_size)
+        if self.vocab_size > 65536:
+            raise ValueError(f"vocab_size must be at most 65536 (tokens are stored as uint16). "
+                             f"Received: vocab_size={self.vocab_size}")
+        if self.samples < 0:
+            raise ValueError(f"samples must be >= 0. Received: {self.samples}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0. Received: {self.warmup_steps}")
+
+    @property
+    def eval_interval(self) -> int:
+        """Steps between validations: the largest divisor of `steps` not above `val_every`."""
+        wanted = min(self.val_every, self.steps)
+        interval = wanted
+        while self.steps % interval:
+            interval -= 1
+        if interval * 2 < wanted:
+            raise ValueError(
+                f"steps={self.steps} has no divisor near val_every={self.val_every}, so the "
+                "validations cannot be evenly spaced. Pick --steps as a multiple of --val-every."
+            )
+        return interval
 
     def to_json(self) -> str:
         """The whole config as indented JSON (what a run saves as config.json)."""

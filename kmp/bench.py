@@ -1,0 +1,173 @@
+"""`kmp bench`: every precision side by side on one machine, in one process, interleaved.
+
+Each (policy, XLA) run gets its own model built under its policy, compiled the kmp way, and
+warmed up (compilation excluded). Then the runs take turns, `chunk` steps at a time, for
+`repeats` rounds, the order rotating every round, so machine drift hits all runs alike. A run's
+step time is the median over its chunks. Ratios are to float32 with the same XLA setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import time
+
+import keras
+
+from kmp.gpt import data
+from kmp.gpt.config import GPTConfig
+from kmp.gpt.model import build_model, flops_per_token, make_optimizer
+from kmp.hardware import detect, peak_flops
+from kmp.policy import POLICIES
+from kmp.policy import plan as make_plan
+
+
+@dataclasses.dataclass
+class Run:
+    """One benchmarked configuration and what was measured for it."""
+
+    label: str
+    policy: str
+    jit: bool
+    step_seconds: list = dataclasses.field(default_factory=list)  # per chunk, per step
+    final_loss: float | None = None
+    peak_memory: int | None = None
+    memory_kind: str = ""
+    tokens_per_sec: float | None = None
+    mfu: float | None = None
+    ratio: float | None = None
+
+    @property
+    def median_step(self) -> float:
+        return statistics.median(self.step_seconds)
+
+    def row(self) -> dict:
+        return {"run": self.label, "policy": self.policy, "xla": self.jit,
+                "median_step_ms": 1000 * self.median_step, "tokens_per_sec": self.tokens_per_sec,
+                "mfu": self.mfu, "peak_memory_mib": (self.peak_memory / 2**20
+                                                     if self.peak_memory else None),
+                "memory_kind": self.memory_kind, "final_loss": self.final_loss,
+                "ratio_to_float32": self.ratio}
+
+
+def _runs(policies, xla) -> list[Run]:
+    runs = []
+    for name in policies:
+        if name == "auto":
+            p = make_plan("auto")
+            runs.append(Run(f"auto = {p.policy}, XLA {'on' if p.jit_compile else 'off'}",
+                            p.policy, p.jit_compile))
+            continue
+        if name not in POLICIES:
+            raise ValueError(f"Unknown policy {name!r}. Use some of: auto, {', '.join(POLICIES)}.")
+        for jit in xla:
+            runs.append(Run(f"{name}, XLA {'on' if jit else 'off'}", name, jit))
+    return runs
+
+
+def _gpu_peak(reset: bool):
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    if reset:
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        return None
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"]
+
+
+def benchmark(config: GPTConfig, policies=("float32", "mixed_float16", "mixed_bfloat16", "auto"),
+              xla=(True, False), chunk=10, repeats=3, warmup=3, log=print) -> list[Run]:
+    """Trains `config`'s model under each policy and XLA setting, interleaved; returns the runs.
+
+    Args:
+        config: GPTConfig. The model, batch and corpus (`config.corpus`).
+        policies: sequence of str. Policies to compare; "auto" adds the plan's pick.
+        xla: sequence of bool. XLA settings to try for each explicit policy.
+        chunk: int. Steps per turn.
+        repeats: int. Turns per run (timed); the median is over these.
+        warmup: int. Untimed steps per run first (compilation included).
+        log: callable. Progress lines. Defaults to print.
+    """
+    import tensorflow as tf
+
+    from kmp import compile as kmp_compile
+
+    cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir, log=log)
+    runs = _runs(policies, xla)
+    models, next_batch = [], [0] * len(runs)
+    hw = detect()
+    for i, run in enumerate(runs):
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(run.policy)  # layers keep the policy they were built with
+        try:
+            keras.utils.set_random_seed(config.seed)
+            model = build_model(config)
+            kmp_compile(model, make_optimizer(config, model),
+                        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                        weighted_metrics=[], jit_compile=run.jit)
+        finally:
+            keras.config.set_dtype_policy(previous)
+        models.append(model)
+        t = time.perf_counter()
+        _fit(model, cache, config, next_batch, i, warmup)
+        log(f"bench: {run.label}: built and warmed up in {time.perf_counter() - t:.1f} s")
+        if not tf.config.list_physical_devices("GPU"):
+            run.peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            run.memory_kind = "process peak RSS so far"
+    progress = keras.utils.Progbar(repeats * len(runs), unit_name="chunk")
+    for r in range(repeats):
+        for k in range(len(runs)):
+            i = (k + r) % len(runs)
+            _gpu_peak(reset=True)
+            t = time.perf_counter()
+            loss = _fit(models[i], cache, config, next_batch, i, chunk)
+            runs[i].step_seconds.append((time.perf_counter() - t) / chunk)
+            runs[i].final_loss = loss
+            peak = _gpu_peak(reset=False)
+            if peak is not None:
+                runs[i].peak_memory = max(runs[i].peak_memory or 0, peak)
+                runs[i].memory_kind = "GPU peak"
+            progress.add(1)
+    tokens = config.batch_size * config.seq_len
+    fpt = flops_per_token(config)
+    for run in runs:
+        run.tokens_per_sec = tokens / run.median_step
+        compute = keras.mixed_precision.DTypePolicy(run.policy).compute_dtype
+        peak = peak_flops(hw, compute)
+        run.mfu = run.tokens_per_sec * fpt / peak if peak else None
+        base = next((b for b in runs if b.policy == "float32" and b.jit == run.jit), None)
+        run.ratio = run.tokens_per_sec / base.tokens_per_sec if base else None
+    return runs
+
+
+def _fit(model, cache, config, next_batch, i, steps) -> float:
+    start = next_batch[i]
+    next_batch[i] += steps
+    ds = data.train_dataset(cache, config.seq_len, config.batch_size, config.seed, start,
+                            start + steps)
+    history = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+    return float(history.history["loss"][-1])
+
+
+def to_markdown(runs: list[Run], title: str) -> str:
+    """The runs as a Markdown table."""
+    lines = [f"**{title}**", "",
+             "| run | median step (ms) | tokens/s | MFU | peak memory (MiB) | final loss |"
+             " vs float32 |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        row = run.row()
+        mem = f"{row['peak_memory_mib']:,.0f}" if row["peak_memory_mib"] else "-"
+        mfu = f"{run.mfu:.1%}" if run.mfu is not None else "-"
+        ratio = f"{run.ratio:.2f}x" if run.ratio is not None else "-"
+        lines.append(f"| {run.label} | {row['median_step_ms']:.0f} | {run.tokens_per_sec:,.0f} | "
+                     f"{mfu} | {mem} | {run.final_loss:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def to_json(runs: list[Run], config: GPTConfig, hardware: str) -> str:
+    """The runs, the config and the hardware as JSON."""
+    return json.dumps({"hardware": hardware, "config": dataclasses.asdict(config),
+                       "runs": [run.row() for run in runs]}, indent=2)

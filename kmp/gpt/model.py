@@ -1,0 +1,114 @@
+"""The GPT model and optimizer of the recipe: keras-hub GPT-2 with FP32 islands, AdamW."""
+
+from __future__ import annotations
+
+import keras
+
+from kmp.gpt.config import GPTConfig
+
+
+def build_model(config: GPTConfig):
+    """A keras-hub GPT2CausalLM of `config`'s shape, under the current global dtype policy.
+
+    The model is not compiled: `kmp.compile` puts the FP32 islands in (a float32 softmax in
+    every attention layer; keras-hub already keeps layer norms and the tied logits in float32)
+    and wraps the optimizer for loss scaling when the policy is mixed_float16.
+
+    Args:
+        config: GPTConfig. The model's shape; `seq_len` is its maximum sequence length.
+
+    Returns:
+        keras_hub.models.GPT2CausalLM, without a preprocessor.
+    """
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=config.vocab_size, num_layers=config.num_layers,
+        num_heads=config.num_heads, hidden_dim=config.hidden_dim,
+        intermediate_dim=config.intermediate_dim, dropout=config.dropout,
+        max_sequence_length=config.seq_len,
+    )
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None, compile=False)
+
+
+def param_count(config: GPTConfig, position_embeddings: bool = True) -> int:
+    """Parameters of the model `build_model(config)` builds, counted by hand (tied embeddings).
+
+    Example:
+    >>> from kmp.gpt.config import preset
+    >>> round(param_count(preset("gpt2-124m")) / 1e6, 1)
+    124.5
+    """
+    h, i, layers = config.hidden_dim, config.intermediate_dim, config.num_layers
+    per_layer = (4 * h * h + 4 * h)  # query, key, value and output projections with biases
+    per_layer += 2 * h * i + i + h  # the MLP
+    per_layer += 2 * 2 * h  # two layer norms
+    total = config.vocab_size * h + layers * per_layer + 2 * h  # + the final layer norm
+    return total + (config.seq_len * h if position_embeddings else 0)
+
+
+def flops_per_token(config: GPTConfig) -> int:
+    """Training FLOPs per token: 6·N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, appendix B).
+
+    N counts the parameters without position embeddings (their lookup costs no matmul; the tied
+    token embedding does, as the vocabulary projection).
+    """
+    n = param_count(config, position_embeddings=False)
+    return 6 * n + 12 * config.num_layers * config.hidden_dim * config.seq_len
+
+
+def _no_decay_variables(model) -> list:
+    """Norm scales, biases (any variable of rank < 2) and embedding tables."""
+    chosen = {id(v): v for v in model.trainable_variables if len(v.shape) < 2}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if "Embedding" in type(layer).__name__:
+            chosen.update({id(v): v for v in layer.trainable_variables})
+    return list(chosen.values())
+
+
+def make_optimizer(config: GPTConfig, model) -> keras.optimizers.Optimizer:
+    """AdamW with linear warm-up then cosine decay to 10%, global-norm clipping and accumulation.
+
+    Weight decay skips norms, biases and embeddings. `model` must be built.
+    """
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    if config.warmup_steps:
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps, alpha=0.1, warmup_target=config.learning_rate,
+            warmup_steps=config.warmup_steps)
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps,
+                                                          alpha=0.1)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule, weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.95,
+        epsilon=1e-8, global_clipnorm=config.grad_clip or None,
+        gradient_accumulation_steps=config.grad_accum if config.grad_accum > 1 else None)
+    optimizer.exclude_from_weight_decay(var_list=_no_decay_variables(model))
+    return optimizer
+
+
+def load_model(path):
+    """Loads a recipe's `model.keras` (safe mode) with its tokenizer, FP32 islands put back in.
+
+    Keras's loader warns that the GPT task's custom compile was not restored and that the
+    training optimizer's variables were skipped; both are expected for inference and are
+    silenced here. Generate with `model.generate("def", max_length=64)`.
+
+    Args:
+        path: str or Path. A `model.keras` written by `kmp pretrain`.
+
+    Returns:
+        keras_hub.models.GPT2CausalLM with its preprocessor (tokenizer) attached.
+    """
+    import warnings
+
+    import keras_hub  # noqa: F401  (registers the keras-hub classes for deserialization)
+
+    from kmp.layers import harden
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*compile.*custom", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model = keras.saving.load_model(path, safe_mode=True)
+    harden(model)
+    return model

@@ -1,0 +1,155 @@
+"""Pretrain a GPT in mixed precision: config, policy, data, model, optimizer, fit, summary.
+
+    kmp pretrain                                   # the tiny preset on the stdlib corpus
+    kmp pretrain --preset small --precision mixed_bfloat16 --out runs/small
+    python recipes/pretrain_gpt.py --steps 100    # the same script, from a checkout
+
+Writes to --out: config.json, checkpoints/ (what --resume continues from), tensorboard/,
+loss.png, samples.txt, metrics.json and model.keras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+import kmp
+from kmp.callbacks import PrecisionMonitor, Throughput
+from kmp.checkpoint import Checkpoint, restore, write_json_atomic
+from kmp.gpt import data, report
+from kmp.gpt.config import GPTConfig, add_arguments, from_args
+from kmp.gpt.model import build_model, flops_per_token, make_optimizer
+from kmp.hardware import detect, peak_flops
+
+
+def parse_config(argv=None) -> GPTConfig:
+    """The run's config: a preset plus every option given on the command line."""
+    parser = argparse.ArgumentParser(prog="kmp pretrain", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return from_args(parser.parse_args(argv))
+
+
+def prepare_out(config: GPTConfig) -> Path:
+    """Creates --out, checks it is writable, and saves config.json (checked on --resume)."""
+    out = Path(config.out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise ValueError(f"--out {config.out!r} is not writable ({e.strerror}). "
+                         "Pick another directory.") from None
+    saved = out / "config.json"
+    if config.resume and saved.exists():
+        old = json.loads(saved.read_text())
+        shape = ("vocab_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
+                 "seq_len")
+        changed = [f"{k} {old.get(k)} -> {getattr(config, k)}" for k in shape
+                   if old.get(k) != getattr(config, k)]
+        if changed:
+            raise ValueError(f"--resume: the run in {out} has another model shape "
+                             f"({', '.join(changed)}). Use the same shape or another --out.")
+    write_json_atomic(saved, json.loads(config.to_json()))
+    return out
+
+
+def main(argv=None) -> int:
+    started = time.time()
+    config = parse_config(argv)
+    print("config:\n" + config.to_json())
+    out = prepare_out(config)
+    interval = config.eval_interval
+    keras.utils.set_random_seed(config.seed)
+
+    # 1. Policy: one switch picks float32, mixed_float16 or mixed_bfloat16 for this machine.
+    plan = kmp.set_policy(config.precision)
+    jit = plan.jit_compile if config.jit is None else config.jit
+    print(f"precision: {plan}\n  XLA: {'on' if jit else 'off'}")
+
+    # 2. Data: a BPE tokenizer and token cache (built once), random windows via tf.data.
+    cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir)
+    tokenizer = cache.tokenizer()
+    batches_per_epoch = interval * config.grad_accum
+    epochs = config.steps // interval
+    val_ds = data.val_dataset(cache, config.seq_len, config.batch_size, config.val_batches)
+
+    # 3. Model and optimizer, under MirroredStrategy when asked for.
+    strategy = (tf.distribute.MirroredStrategy() if config.strategy == "mirrored"
+                else tf.distribute.get_strategy())
+    with strategy.scope():
+        model = build_model(config)
+        optimizer = kmp.compile(
+            model, make_optimizer(config, model),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            weighted_metrics=[], jit_compile=jit)
+    print(f"model: GPT-2 {config.num_layers} layers x {config.hidden_dim} wide, "
+          f"{model.count_params():,} parameters, {strategy.num_replicas_in_sync} replica(s)")
+
+    # 4. Fit: `epochs` rounds of `interval` steps, validation and a checkpoint after each.
+    ckpt_dir = out / "checkpoints"
+    initial_epoch, history_state = 0, None
+    if config.resume:
+        record = restore(model, ckpt_dir)
+        initial_epoch, history_state = record["epoch"], record["extra"].get("history")
+        print(f"resume: from step {record['step']} (epoch {initial_epoch} of {epochs})")
+    history = report.LossHistory(config.grad_accum, state=history_state)
+    train_ds = data.train_dataset(cache, config.seq_len, config.batch_size, config.seed,
+                                  start=initial_epoch * batches_per_epoch,
+                                  stop=epochs * batches_per_epoch)
+    hw = detect()
+    peak = peak_flops(hw, keras.config.dtype_policy().compute_dtype)
+    throughput = Throughput(config.batch_size * config.seq_len, flops_per_token(config),
+                            peak * strategy.num_replicas_in_sync if peak else None)
+    monitor = PrecisionMonitor(log_dir=str(out / "tensorboard" / "kmp"), verbose=True)
+    callbacks = [
+        monitor, throughput, history,
+        keras.callbacks.TensorBoard(str(out / "tensorboard"), update_freq=10),
+        Checkpoint(ckpt_dir, extra_state=lambda: {"history": history.state()}),
+    ]
+    model.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch,
+              steps_per_epoch=batches_per_epoch, validation_data=val_ds, callbacks=callbacks,
+              shuffle=False)
+
+    # 5. Summary: validation loss and perplexity, samples, the loss curve, metrics.json.
+    val_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
+    samples = report.sample_text(model, tokenizer, [config.prompt] * config.samples,
+                                 max_length=min(config.seq_len, 128), seed=config.seed)
+    (out / "samples.txt").write_text("\n\n-----\n\n".join(samples) + "\n")
+    report.plot_losses(history, out / "loss.png",
+                       f"{config.preset}: {plan.policy} on {hw.describe()}"[:90])
+    scaler = optimizer if isinstance(optimizer, kmp.LossScaleOptimizer) else None
+    state = scaler.state() if scaler is not None else {}
+    metrics = {
+        "policy": plan.policy,
+        "steps": int(model.optimizer.iterations.numpy()),
+        "final_train_loss": history.final_train_loss(),
+        "val_loss": val_loss,
+        "val_perplexity": report.perplexity(val_loss),
+        "tokens_per_sec": throughput.tokens_per_sec,
+        "mfu": throughput.mfu,
+        "skipped_steps": int(state.get("skipped_steps", 0)),
+        "final_loss_scale": state.get("loss_scale"),
+        "wall_seconds": time.time() - started,
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    tmp = out / "model.tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, out / "model.keras")
+
+    if samples:
+        print(f"\nsample ({config.prompt!r}):\n{samples[0]}\n")
+    print(report.summary(metrics, config.vocab_size))
+    print(f"outputs in {out}/: metrics.json, samples.txt, loss.png, model.keras, "
+          "checkpoints/, tensorboard/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The pretraining recipe end to end, at reduced sizes on a small committed corpus."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kmp import checkpoint
+from kmp.cli import main as cli_main
+from kmp.gpt import load_model
+from kmp.gpt.config import PRESETS
+from kmp.layers import Softmax
+from kmp.recipes import pretrain_gpt
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "golden_tiny_loss.json"
+BASE = ["--corpus", str(DATA / "corpus.txt"), "--vocab-size", "512", "--seq-len", "32",
+        "--batch-size", "8", "--warmup-steps", "2", "--val-batches", "2", "--seed", "3"]
+# A reduced tiny run: the shape and schedule the golden loss file was recorded with.
+SMALL = [*BASE, "--num-layers", "2", "--num-heads", "2", "--hidden-dim", "32",
+         "--intermediate-dim", "64"]
+
+
+def run(tmp_path, *args, name="run", base=SMALL):
+    out = tmp_path / name
+    argv = [*base, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--samples", "0",
+            *args]
+    assert pretrain_gpt.main(argv) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def train_losses(out):
+    return [loss for _, loss in checkpoint.latest(out / "checkpoints")["extra"]["history"]["train"]]
+
+
+def test_tiny_run_writes_every_output(tmp_path):
+    out, metrics = run(tmp_path, "--steps", "6", "--val-every", "3", "--precision", "float32",
+                       "--samples", "2")
+    assert list(metrics) == ["policy", "steps", "final_train_loss", "val_loss", "val_perplexity",
+                             "tokens_per_sec", "mfu", "skipped_steps", "final_loss_scale",
+                             "wall_seconds"]
+    assert metrics["policy"] == "float32" and metrics["steps"] == 6
+    assert metrics["mfu"] is None and metrics["final_loss_scale"] is None  # CPU; no scaling
+    assert math.isclose(metrics["val_perplexity"], math.exp(metrics["val_loss"]), rel_tol=1e-6)
+    for name in ("config.json", "loss.png", "samples.txt", "model.keras"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "config.json").read_text())["steps"] == 6
+    samples = (out / "samples.txt").read_text().split("\n\n-----\n\n")
+    assert len(samples) == 2 and all(s.startswith("def") for s in samples)
+    assert len(train_losses(out)) == 6
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+    loaded = load_model(out / "model.keras")  # safe mode, islands back in
+    assert loaded.generate("def", max_length=12).startswith("def")
+    assert any(isinstance(layer, Softmax) for layer in loaded._flatten_layers())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_preset_trains_at_reduced_size(tmp_path, name):
+    # Keep each preset's head count, schedule and dropout; shrink depth, widths, vocabulary and
+    # length to CPU-test size (the full GPT-2 shapes are checked in test_gpt_config.py).
+    full = PRESETS[name]()
+    out, metrics = run(tmp_path, "--preset", name, "--num-layers", "2", "--num-heads",
+                       str(full.num_heads), "--hidden-dim", str(4 * full.num_heads),
+                       "--intermediate-dim", str(8 * full.num_heads), "--steps", "2",
+                       "--warmup-steps", "1", "--precision", "mixed_bfloat16", base=BASE)
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == name and config["learning_rate"] == full.learning_rate
+    assert metrics["steps"] == 2 and math.isfinite(metrics["val_loss"])
+
+
+def test_fixed_seed_run_matches_the_golden_losses(tmp_path):
+    """Catches numeric drift: per-step training losses of a fixed-seed run, float32 and bf16."""
+    golden = json.loads(GOLDEN.read_text())
+    for policy, expected in golden["losses"].items():
+        out, _ = run(tmp_path, *golden["args"], "--precision", policy, name=policy)
+        got = train_losses(out)
+        assert len(got) == len(expected)
+        tol = golden["tolerance"][policy]
+        worst = float(np.max(np.abs(np.subtract(got, expected))))
+        assert worst <= tol, f"{policy}: worst per-step loss difference {worst:.2e} > {tol}"
+
+
+def test_resume_continues_the_same_run(tmp_path, monkeypatch):
+    args = ("--steps", "8", "--val-every", "4", "--precision", "mixed_float16", "--no-jit")
+    ref, ref_metrics = run(tmp_path, *args, name="ref")
+
+    original = checkpoint.Checkpoint.on_epoch_end
+
+    def stop_after_first(self, epoch, logs=None):
+        original(self, epoch, logs)
+        raise KeyboardInterrupt("simulated stop after the first checkpoint")
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "on_epoch_end", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *args, name="resumed")
+    monkeypatch.setattr(checkpoint.Checkpoint, "on_epoch_end", original)
+    assert checkpoint.latest(tmp_path / "resumed" / "checkpoints")["step"] == 4
+    out, metrics = run(tmp_path, *args, "--resume", name="resumed")
+
+    assert metrics["steps"] == ref_metrics["steps"] == 8
+    assert metrics["final_loss_scale"] == ref_metrics["final_loss_scale"]
+    np.testing.assert_allclose(train_losses(out), train_losses(ref), rtol=0, atol=1e-6)
+    assert metrics["val_loss"] == pytest.approx(ref_metrics["val_loss"], abs=1e-6)
+
+
+def test_resume_refuses_another_shape_or_no_checkpoint(tmp_path):
+    run(tmp_path, "--steps", "2", "--precision", "float32")
+    with pytest.raises(ValueError, match="another model shape"):
+        run(tmp_path, "--steps", "2", "--hidden-dim", "64", "--resume")
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        run(tmp_path, "--steps", "2", "--resume", name="fresh")
+
+
+def test_mirrored_strategy_trains_on_two_replicas(tmp_path, capsys):
+    _, metrics = run(tmp_path, "--steps", "2", "--strategy", "mirrored", "--no-jit",
+                     "--precision", "mixed_float16")
+    assert "2 replica(s)" in capsys.readouterr().out
+    assert metrics["steps"] == 2 and metrics["final_loss_scale"] > 0
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys):
+    assert cli_main(["pretrain", "--precision", "mixed_fp16"]) == 2
+    assert "Unknown precision 'mixed_fp16'" in capsys.readouterr().err
+    assert cli_main(["pretrain", "--corpus", str(tmp_path / "missing"), "--out",
+                     str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "names no file" in err and err.count("\n") == 1
