@@ -2,8 +2,11 @@
 
 Each (policy, XLA) run gets its own model built under its policy, compiled the kmp way, and
 warmed up (compilation excluded). Then the runs take turns, `chunk` steps at a time, for
-`repeats` rounds, the order rotating every round, so machine drift hits all runs alike. A run's
-step time is the median over its chunks. Ratios are to float32 with the same XLA setting.
+`repeats` rounds, the order rotating every round, so machine drift hits all runs alike. Steps
+are `train_on_batch` calls on batches from the token cache (the input pipeline is not timed;
+the recipe's Throughput callback measures it with the model). A run's step time is the median
+over its chunks of the mean step time in the chunk. Ratios are to float32 with the same XLA
+setting.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Run:
     label: str
     policy: str
     jit: bool
+    path: str = "kmp"  # or "keras": plain model.compile
     step_seconds: list = dataclasses.field(default_factory=list)  # per chunk, per step
     final_loss: float | None = None
     peak_memory: int | None = None
@@ -49,7 +53,7 @@ class Run:
                 "mfu": self.mfu, "peak_memory_mib": (self.peak_memory / 2**20
                                                      if self.peak_memory else None),
                 "memory_kind": self.memory_kind, "final_loss": self.final_loss,
-                "ratio_to_float32": self.ratio}
+                "ratio": self.ratio}
 
 
 def _runs(policies, xla) -> list[Run]:
@@ -82,48 +86,90 @@ def benchmark(config: GPTConfig, policies=("float32", "mixed_float16", "mixed_bf
               xla=(True, False), chunk=10, repeats=3, warmup=3, log=print) -> list[Run]:
     """Trains `config`'s model under each policy and XLA setting, interleaved; returns the runs.
 
+    Ratios are to float32 with the same XLA setting.
+
     Args:
         config: GPTConfig. The model, batch and corpus (`config.corpus`).
         policies: sequence of str. Policies to compare; "auto" adds the plan's pick.
         xla: sequence of bool. XLA settings to try for each explicit policy.
         chunk: int. Steps per turn.
         repeats: int. Turns per run (timed); the median is over these.
-        warmup: int. Untimed steps per run first (compilation included).
+        warmup: int. Untimed steps per run after all are compiled, before the timed turns.
         log: callable. Progress lines. Defaults to print.
     """
+    runs = _measure(config, _runs(policies, xla), chunk, repeats, warmup, log)
+    for run in runs:
+        base = next((b for b in runs if b.policy == "float32" and b.jit == run.jit), None)
+        run.ratio = run.tokens_per_sec / base.tokens_per_sec if base else None
+    return runs
+
+
+def overhead(config: GPTConfig, policy="auto", chunk=10, repeats=3, warmup=3,
+             log=print) -> list[Run]:
+    """The same model and policy trained the plain Keras way and the full kmp way, interleaved.
+
+    Plain Keras: `keras.config.set_dtype_policy` and `model.compile` (Keras wraps its own
+    LossScaleOptimizer under mixed_float16). kmp: `kmp.compile` (kmp's LossScaleOptimizer, FP32
+    islands, scaler metrics) and a `PrecisionMonitor` called after every step. Both use the
+    plan's XLA setting. The ratio is kmp's tokens/s over plain Keras's.
+    """
+    chosen = make_plan(policy)
+    xla = "on" if chosen.jit_compile else "off"
+    runs = [Run(f"plain Keras: {chosen.policy}, XLA {xla}", chosen.policy, chosen.jit_compile,
+                path="keras"),
+            Run(f"kmp: {chosen.policy}, XLA {xla}", chosen.policy, chosen.jit_compile)]
+    runs = _measure(config, runs, chunk, repeats, warmup, log)
+    for run in runs:
+        run.ratio = run.tokens_per_sec / runs[0].tokens_per_sec
+    return runs
+
+
+def _build(config, run):
+    from kmp import compile as kmp_compile
+    from kmp.callbacks import PrecisionMonitor
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(run.policy)  # layers keep the policy they were built with
+    try:
+        keras.utils.set_random_seed(config.seed)
+        model = build_model(config)
+        optimizer = make_optimizer(config, model)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if run.path == "keras":
+            model.compile(optimizer, loss, weighted_metrics=[], jit_compile=run.jit)
+            return model, ()
+        kmp_compile(model, optimizer, loss, weighted_metrics=[], jit_compile=run.jit)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    monitor = PrecisionMonitor()
+    monitor.set_model(model)
+    return model, (monitor,)
+
+
+def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
     import tensorflow as tf
 
-    from kmp import compile as kmp_compile
-
     cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir, log=log)
-    runs = _runs(policies, xla)
-    models, next_batch = [], [0] * len(runs)
-    hw = detect()
+    built, next_batch = [], [0] * len(runs)
+    gpu = bool(tf.config.list_physical_devices("GPU"))
     for i, run in enumerate(runs):
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(run.policy)  # layers keep the policy they were built with
-        try:
-            keras.utils.set_random_seed(config.seed)
-            model = build_model(config)
-            kmp_compile(model, make_optimizer(config, model),
-                        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                        weighted_metrics=[], jit_compile=run.jit)
-        finally:
-            keras.config.set_dtype_policy(previous)
-        models.append(model)
+        built.append(_build(config, run))
         t = time.perf_counter()
-        _fit(model, cache, config, next_batch, i, warmup)
-        log(f"bench: {run.label}: built and warmed up in {time.perf_counter() - t:.1f} s")
-        if not tf.config.list_physical_devices("GPU"):
+        _fit(*built[i], cache, config, next_batch, i, 1)
+        log(f"bench: {run.label}: first step (compilation) {time.perf_counter() - t:.1f} s")
+        if not gpu:
             run.peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             run.memory_kind = "process peak RSS so far"
+    # An untimed round: a model's first steps after another model ran can be slow once.
+    for i in range(len(runs)):
+        _fit(*built[i], cache, config, next_batch, i, warmup)
     progress = keras.utils.Progbar(repeats * len(runs), unit_name="chunk")
     for r in range(repeats):
         for k in range(len(runs)):
             i = (k + r) % len(runs)
             _gpu_peak(reset=True)
             t = time.perf_counter()
-            loss = _fit(models[i], cache, config, next_batch, i, chunk)
+            loss = _fit(*built[i], cache, config, next_batch, i, chunk)
             runs[i].step_seconds.append((time.perf_counter() - t) / chunk)
             runs[i].final_loss = loss
             peak = _gpu_peak(reset=False)
@@ -133,30 +179,38 @@ def benchmark(config: GPTConfig, policies=("float32", "mixed_float16", "mixed_bf
             progress.add(1)
     tokens = config.batch_size * config.seq_len
     fpt = flops_per_token(config)
+    hw = detect()
     for run in runs:
         run.tokens_per_sec = tokens / run.median_step
-        compute = keras.mixed_precision.DTypePolicy(run.policy).compute_dtype
-        peak = peak_flops(hw, compute)
+        peak = peak_flops(hw, keras.DTypePolicy(run.policy).compute_dtype)
         run.mfu = run.tokens_per_sec * fpt / peak if peak else None
-        base = next((b for b in runs if b.policy == "float32" and b.jit == run.jit), None)
-        run.ratio = run.tokens_per_sec / base.tokens_per_sec if base else None
     return runs
 
 
-def _fit(model, cache, config, next_batch, i, steps) -> float:
-    start = next_batch[i]
-    next_batch[i] += steps
-    ds = data.train_dataset(cache, config.seq_len, config.batch_size, config.seed, start,
-                            start + steps)
-    history = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
-    return float(history.history["loss"][-1])
+def _fit(model, callbacks, cache, config, next_batch, i, steps) -> float:
+    """Trains `steps` batches with train_on_batch (each returns its loss: a sync per step)."""
+    import tensorflow as tf
+
+    loss = None
+    for _ in range(steps):
+        x, y = data.window_batch(cache.train, config.seq_len, config.batch_size, config.seed,
+                                 next_batch[i])
+        next_batch[i] += 1
+        x = tf.constant(x)
+        model.reset_metrics()  # so the logged loss is this batch's, not a running mean
+        logs = model.train_on_batch({"token_ids": x, "padding_mask": tf.ones_like(x)},
+                                    tf.constant(y), return_dict=True)
+        for callback in callbacks:
+            callback.on_train_batch_end(next_batch[i], logs)
+        loss = float(logs["loss"])
+    return loss
 
 
-def to_markdown(runs: list[Run], title: str) -> str:
-    """The runs as a Markdown table."""
+def to_markdown(runs: list[Run], title: str, baseline: str = "float32") -> str:
+    """The runs as a Markdown table; the last column is the ratio to `baseline`."""
     lines = [f"**{title}**", "",
              "| run | median step (ms) | tokens/s | MFU | peak memory (MiB) | final loss |"
-             " vs float32 |", "|---|---|---|---|---|---|---|"]
+             f" vs {baseline} |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         row = run.row()
         mem = f"{row['peak_memory_mib']:,.0f}" if row["peak_memory_mib"] else "-"
@@ -167,7 +221,8 @@ def to_markdown(runs: list[Run], title: str) -> str:
     return "\n".join(lines)
 
 
-def to_json(runs: list[Run], config: GPTConfig, hardware: str) -> str:
-    """The runs, the config and the hardware as JSON."""
-    return json.dumps({"hardware": hardware, "config": dataclasses.asdict(config),
+def to_json(runs: list[Run], config: GPTConfig, hardware: str, baseline: str = "float32") -> str:
+    """The runs, the config, the hardware and what `ratio` is relative to, as JSON."""
+    return json.dumps({"hardware": hardware, "ratio_baseline": baseline,
+                       "config": dataclasses.asdict(config),
                        "runs": [run.row() for run in runs]}, indent=2)

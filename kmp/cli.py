@@ -54,6 +54,8 @@ def _bench(args, rest) -> int:
     parser.add_argument("--chunk", type=int, default=10, help="steps per turn")
     parser.add_argument("--repeats", type=int, default=3, help="timed turns per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
+    parser.add_argument("--overhead", nargs="?", const="auto", metavar="POLICY",
+                        help="instead: plain Keras against the kmp path under POLICY (auto)")
     opts = parser.parse_args(rest)
     config = from_args(opts)
     xla = []
@@ -65,20 +67,25 @@ def _bench(args, rest) -> int:
                         ("warmup", opts.warmup)):
         if value < 1:
             raise ValueError(f"--{name} must be a positive integer. Received: {value}")
-    runs = bench.benchmark(config, opts.policies.split(","), xla, opts.chunk, opts.repeats,
-                           opts.warmup)
+    if opts.overhead:
+        runs = bench.overhead(config, opts.overhead, opts.chunk, opts.repeats, opts.warmup)
+        name, baseline = "overhead", "plain Keras"
+    else:
+        runs = bench.benchmark(config, opts.policies.split(","), xla, opts.chunk, opts.repeats,
+                               opts.warmup)
+        name, baseline = "bench", "float32"
     from kmp.hardware import detect
 
     hw = detect().describe()
     title = (f"{config.preset}: batch {config.batch_size} x {config.seq_len} tokens, "
              f"{opts.repeats} x {opts.chunk} timed steps per run, on {hw}")
-    table = bench.to_markdown(runs, title)
+    table = bench.to_markdown(runs, title, baseline)
     print("\n" + table)
     out = Path(config.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(bench.to_json(runs, config, hw))
-    (out / "bench.md").write_text(table + "\n")
-    print(f"\nwritten: {out / 'bench.json'}, {out / 'bench.md'}")
+    (out / f"{name}.json").write_text(bench.to_json(runs, config, hw, baseline))
+    (out / f"{name}.md").write_text(table + "\n")
+    print(f"\nwritten: {out / (name + '.json')}, {out / (name + '.md')}")
     return 0
 
 

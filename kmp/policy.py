@@ -12,10 +12,11 @@ from kmp.hardware import Hardware, detect
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 CHOICES = ("auto",) + POLICIES
 
-# Measured on a 2-core AMD EPYC with avx512_bf16 (keras 3.15, TF 2.21, GPT-2 style model,
-# hidden 512, seq 256), ms/step: float32 548 (519 with XLA); mixed_bfloat16 363 (586 with
-# XLA); mixed_float16 899 (604 with XLA).
-_CPU_NOTE = "on a 2-core AVX512_BF16 CPU, float32 548 ms/step, bf16 363 (586 with XLA), fp16 899"
+# `kmp bench --preset small` on a 2-core Xeon with AVX512_BF16/AMX (keras 3.15, TF 2.21; see
+# docs/benchmarks.md): tokens/s relative to float32 without XLA: mixed_bfloat16 1.43x
+# without XLA (0.92x with XLA, measured with float32 logits), mixed_float16 1.02x.
+_CPU_NOTE = ("kmp bench, small GPT on a 2-core AVX512_BF16 CPU: bf16 1.43x float32's tokens/s "
+             "without XLA, 0.92x with XLA; fp16 1.02x")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,8 @@ def _warning_for(policy: str, hw: Hardware) -> str | None:
     cc = hw.compute_capability or (0, 0)
     if policy == "mixed_float16":
         if hw.kind == "cpu":
-            return f"float16 is emulated on CPUs and slower than float32 ({_CPU_NOTE})."
+            return (f"float16 on CPUs is barely faster than float32 and needs loss scaling "
+                    f"({_CPU_NOTE}).")
         if hw.kind == "tpu":
             return "TPUs have no float16 units; use mixed_bfloat16."
         if cc < (7, 0):

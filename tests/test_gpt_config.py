@@ -90,3 +90,17 @@ def test_eval_interval_divides_steps():
     assert gpt.preset("tiny", steps=30, val_every=100).eval_interval == 30
     with pytest.raises(ValueError, match="multiple of --val-every"):
         gpt.preset("tiny", steps=101, val_every=100).eval_interval  # noqa: B018
+
+
+def test_logits_dtype_follows_the_config():
+    import keras
+    import numpy as np
+
+    import kmp.gpt as gpt
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x = {"token_ids": np.ones((1, 8), "int32"), "padding_mask": np.ones((1, 8), "int32")}
+    for logits, dtype in (("compute", "bfloat16"), ("float32", "float32")):
+        model = gpt.build_model(gpt.preset("tiny", num_layers=1, hidden_dim=32,
+                                           intermediate_dim=64, logits=logits))
+        assert keras.backend.standardize_dtype(model(x).dtype) == dtype

@@ -46,6 +46,9 @@ class GPTConfig:
         val_batches: int. Batches of held-out windows per validation.
         precision: str. auto, float32, mixed_float16 or mixed_bfloat16.
         jit: bool or None. XLA; None takes the precision plan's recommendation.
+        logits: str. Where the tied vocabulary projection multiplies: "compute" (the compute
+            dtype: float16/bfloat16 Tensor Cores or AMX; the loss upcasts the logits to
+            float32) or "float32" (keras-hub's default under mixed policies).
         strategy: str. "default" or "mirrored".
         corpus: str. "stdlib", or a file, directory or glob of UTF-8 text.
         cache_dir: str. Where tokenizers and token caches are kept between runs.
@@ -75,6 +78,7 @@ class GPTConfig:
     val_batches: int = 16
     precision: str = "auto"
     jit: bool | None = None
+    logits: str = "compute"
     strategy: str = "default"
     corpus: str = "stdlib"
     cache_dir: str = "~/.cache/kmp"
@@ -104,6 +108,8 @@ class GPTConfig:
             raise ValueError(
                 f"Unknown precision {self.precision!r}. Use one of: {', '.join(CHOICES)}."
             )
+        if self.logits not in ("compute", "float32"):
+            raise ValueError(f"Unknown logits {self.logits!r}. Use one of: compute, float32.")
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"Unknown strategy {self.strategy!r}. Use one of: {', '.join(STRATEGIES)}."

@@ -11,8 +11,11 @@ def build_model(config: GPTConfig):
     """A keras-hub GPT2CausalLM of `config`'s shape, under the current global dtype policy.
 
     The model is not compiled: `kmp.compile` puts the FP32 islands in (a float32 softmax in
-    every attention layer; keras-hub already keeps layer norms and the tied logits in float32)
-    and wraps the optimizer for loss scaling when the policy is mixed_float16.
+    every attention layer; keras-hub keeps the layer norms in float32) and wraps the optimizer
+    for loss scaling when the policy is mixed_float16. Under a mixed policy keras-hub multiplies
+    the tied vocabulary projection in float32 (its embedding is not autocast); with
+    `config.logits == "compute"` it runs in the compute dtype instead, as Megatron-LM does, and
+    the loss upcasts the logits to float32 before the softmax.
 
     Args:
         config: GPTConfig. The model's shape; `seq_len` is its maximum sequence length.
@@ -28,6 +31,8 @@ def build_model(config: GPTConfig):
         intermediate_dim=config.intermediate_dim, dropout=config.dropout,
         max_sequence_length=config.seq_len,
     )
+    if config.logits == "compute":
+        backbone.token_embedding.reverse_dtype = backbone.dtype_policy.compute_dtype
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None, compile=False)
 
 
