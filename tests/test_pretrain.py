@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +115,27 @@ def test_resume_refuses_another_shape_or_no_checkpoint(tmp_path):
         run(tmp_path, "--steps", "2", "--resume", name="fresh")
 
 
-def test_mirrored_strategy_trains_on_two_replicas(tmp_path, capsys):
-    _, metrics = run(tmp_path, "--steps", "2", "--strategy", "mirrored", "--no-jit",
-                     "--precision", "mixed_float16")
-    assert "2 replica(s)" in capsys.readouterr().out
+MIRRORED_SCRIPT = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from kmp.recipes import pretrain_gpt
+sys.exit(pretrain_gpt.main(sys.argv[1:]))
+"""
+
+
+def test_mirrored_strategy_trains_on_two_replicas(tmp_path):
+    # In a subprocess: two MirroredStrategy instances in one process clash on collective keys
+    # (test_scaling.py has its own).
+    out = tmp_path / "run"
+    argv = [*SMALL, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--samples", "0",
+            "--steps", "2", "--strategy", "mirrored", "--no-jit", "--precision", "mixed_float16"]
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, *argv], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 replica(s)" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["final_loss_scale"] > 0
 
 
