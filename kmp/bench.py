@@ -5,8 +5,8 @@ warmed up (compilation excluded). Then the runs take turns, `chunk` steps at a t
 `repeats` rounds, the order rotating every round, so machine drift hits all runs alike. Steps
 are `train_on_batch` calls on batches from the token cache (the input pipeline is not timed;
 the recipe's Throughput callback measures it with the model). A run's step time is the median
-over its chunks of the mean step time in the chunk. Ratios are to float32 with the same XLA
-setting.
+over its chunks of the mean step time in the chunk. `benchmark` gives ratios to float32 with
+the same XLA setting; `overhead` gives the kmp path's ratio to plain Keras.
 """
 
 from __future__ import annotations
