@@ -1,6 +1,6 @@
 """The GPT recipe's config: a typed dataclass whose defaults are the small CPU run, and presets.
 
-`tiny` (the default) was timed: 2 min 55 s for `kmp pretrain` on a 2-core AVX512_BF16 CPU with
+`tiny` (the default) was timed: 2 min 58 s for `kmp pretrain` on a 2-core AVX512_BF16 CPU with
 an empty cache (docs/pretraining.md). `small` is sized for `kmp bench` on a CPU (about 1.1 s a
 step there) and was not trained to the end; the GPT-2 presets follow Radford et al. 2019.
 """
