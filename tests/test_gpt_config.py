@@ -104,3 +104,18 @@ def test_logits_dtype_follows_the_config():
         model = gpt.build_model(gpt.preset("tiny", num_layers=1, hidden_dim=32,
                                            intermediate_dim=64, logits=logits))
         assert keras.backend.standardize_dtype(model(x).dtype) == dtype
+
+
+def test_every_option_has_help_from_the_docstring():
+    import argparse
+    import dataclasses
+
+    import kmp.gpt as gpt
+
+    parser = argparse.ArgumentParser()
+    gpt.add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
+    for f in dataclasses.fields(gpt.GPTConfig):
+        assert len(helps[f.name]) > len(" (default: the preset's)") + 3, f.name
+    assert helps["num_heads"].startswith("int. Attention heads per block.")
+    assert "largest divisor" in helps["val_every"]

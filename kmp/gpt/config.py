@@ -33,14 +33,19 @@ class GPTConfig:
     Args:
         preset: str. Name of the preset this config came from.
         vocab_size: int. BPE vocabulary size (padded up to a multiple of 64).
-        num_layers, num_heads, hidden_dim, intermediate_dim: int. Model shape.
+        num_layers: int. Transformer blocks.
+        num_heads: int. Attention heads per block.
+        hidden_dim: int. Model width (a multiple of num_heads).
+        intermediate_dim: int. Width of each block's MLP.
         seq_len: int. Training window length in tokens (the model's maximum length).
         dropout: float. Dropout in the backbone.
         batch_size: int. Sequences per micro-batch, all replicas together (an optimizer step
             sees batch_size x grad_accum).
         grad_accum: int. Micro-steps per optimizer update (1 = none).
         steps: int. Optimizer steps to train.
-        learning_rate, weight_decay, grad_clip: float. AdamW with global-norm clipping.
+        learning_rate: float. Peak AdamW learning rate.
+        weight_decay: float. AdamW weight decay (not on norms, biases or embeddings).
+        grad_clip: float. Global gradient-norm clip (0: none).
         warmup_steps: int. Linear warm-up before cosine decay.
         val_every: int. Steps between validation evaluations (and checkpoints); lowered to
             the largest divisor of `steps` below it (an error if that is under half).
@@ -193,19 +198,37 @@ def preset(name: str = "tiny", **overrides) -> GPTConfig:
     return dataclasses.replace(PRESETS[name](), **overrides)
 
 
+def _field_help() -> dict:
+    """Each field's description, from the Args section of GPTConfig's docstring."""
+    helps, names = {}, []
+    for line in GPTConfig.__doc__.split("Args:")[1].splitlines():
+        head, sep, text = line.strip().partition(": ")
+        if sep and all(n.strip().isidentifier() for n in head.split(",")):
+            names = [n.strip() for n in head.split(",")]
+            for name in names:
+                helps[name] = text
+        elif line.strip() and names:
+            for name in names:
+                helps[name] += " " + line.strip()
+    return helps
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds `--preset` and one `--field-name` option per config field (default: the preset's)."""
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                        help="named config to start from (default: tiny)")
+    helps = _field_help()
     for f in dataclasses.fields(GPTConfig):
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float, "str": str}.get(str(f.type))
+        text = helps.get(f.name, "").replace("%", "%%") + " (default: the preset's)"
         if kind is None:  # bool and bool | None
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None)
+                                default=None, help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
 
 
 def from_args(args: argparse.Namespace) -> GPTConfig:
