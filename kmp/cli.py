@@ -89,6 +89,22 @@ def _bench(args, rest) -> int:
     return 0
 
 
+def _memory(args, rest) -> int:
+    from kmp.diagnostics import memory_table
+    from kmp.gpt.config import add_arguments, from_args
+
+    parser = argparse.ArgumentParser(
+        prog="kmp memory", description="Estimate training memory of a GPT preset by policy "
+        "(Korthikanti et al. 2022 activations, 16 bytes/param model states).")
+    add_arguments(parser)
+    config = from_args(parser.parse_args(rest))
+    print(f"{config.preset}: {config.num_layers} layers x {config.hidden_dim}, vocabulary "
+          f"{config.vocab_size}, batch {config.batch_size} x {config.seq_len} tokens per device"
+          f"{f', gradient accumulation {config.grad_accum}' if config.grad_accum > 1 else ''}")
+    print(memory_table(config))
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the `kmp` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -99,12 +115,15 @@ def main(argv=None) -> int:
                    help="pretrain a GPT on a corpus (kmp pretrain --help lists the options)")
     sub.add_parser("bench", add_help=False,
                    help="compare precisions and XLA on a GPT preset (kmp bench --help)")
+    sub.add_parser("memory", add_help=False,
+                   help="estimate training memory of a GPT preset (kmp memory --help)")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("pretrain", "bench"):
+    if rest and args.command not in ("pretrain", "bench", "memory"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if args.command in ("pretrain", "bench"):
-            return {"pretrain": _pretrain, "bench": _bench}[args.command](args, rest)
+        if args.command in ("pretrain", "bench", "memory"):
+            run = {"pretrain": _pretrain, "bench": _bench, "memory": _memory}[args.command]
+            return run(args, rest)
         return {"doctor": _doctor}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, exit 2
         print(f"kmp: error: {e}", file=sys.stderr)

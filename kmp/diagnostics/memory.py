@@ -1,0 +1,78 @@
+"""Training-memory estimate for a GPT config, by policy, batch and sequence length.
+
+Model states follow Keras's layout under every policy: float32 variables (mixed policies cast
+them on the fly, they keep no half-precision copy), float32 gradients, and AdamW's two float32
+moments: 16 bytes per parameter, the figure the ZeRO paper (Rajbhandari et al. 2020, section 3.1)
+gives for mixed-precision Adam, split differently (there: 2 + 2 + 12). Gradient accumulation
+adds a float32 accumulator per parameter.
+
+Activations use Korthikanti et al. 2022 (eq. 2, no recomputation, no parallelism):
+s·b·h·(34 + 5·a·s/h) bytes per layer with 16-bit activations, doubled for float32, plus the
+vocabulary logits, which reach the loss in float32 (b·s·V·4 bytes, and as many again for the
+softmax the loss keeps for the backward pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kmp.gpt.config import GPTConfig
+from kmp.gpt.model import param_count
+from kmp.policy import POLICIES
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated training memory in bytes, by part."""
+
+    policy: str
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+    def row(self) -> str:
+        gib = 2**30
+        return (f"| {self.policy} | {self.parameters / gib:.3f} | {self.gradients / gib:.3f} | "
+                f"{self.optimizer / gib:.3f} | {self.activations / gib:.3f} | "
+                f"{self.total / gib:.3f} |")
+
+
+def estimate_memory(config: GPTConfig, policy: str = "mixed_bfloat16") -> MemoryEstimate:
+    """Bytes for parameters, gradients, optimizer states and activations of one training step.
+
+    Args:
+        config: GPTConfig. Shape, `batch_size` (per device), `seq_len` and `grad_accum`.
+        policy: str. "float32", "mixed_float16" or "mixed_bfloat16".
+
+    Raises:
+        ValueError: for an unknown policy.
+
+    Example:
+    >>> from kmp.gpt.config import preset
+    >>> est = estimate_memory(preset("gpt2-124m"), "mixed_bfloat16")
+    >>> round(est.parameters / 2**20)  # 124.5 M float32 parameters
+    475
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"Unknown policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
+    n = param_count(config)
+    s, b, h = config.seq_len, config.batch_size, config.hidden_dim
+    a, layers, vocab = config.num_heads, config.num_layers, config.vocab_size
+    per_layer_16bit = s * b * h * 34 + 5 * a * s * s * b
+    scale = 2 if policy == "float32" else 1
+    activations = layers * per_layer_16bit * scale + 2 * b * s * vocab * 4
+    accumulators = 4 * n if config.grad_accum > 1 else 0
+    return MemoryEstimate(policy, 4 * n, 4 * n + accumulators, 8 * n, activations)
+
+
+def memory_table(config: GPTConfig) -> str:
+    """A Markdown table of `estimate_memory` for every policy, in GiB."""
+    lines = ["| policy | parameters | gradients | optimizer | activations | total (GiB) |",
+             "|---|---|---|---|---|---|"]
+    lines += [estimate_memory(config, p).row() for p in POLICIES]
+    return "\n".join(lines)
