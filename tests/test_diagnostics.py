@@ -31,3 +31,55 @@ def test_memory_command_prints_every_policy(capsys):
     assert main(["memory", "--preset", "gpt2-124m"]) == 0
     out = capsys.readouterr().out
     assert "| mixed_bfloat16 | 0.464 | 0.464 | 0.927 |" in out and "| float32 |" in out
+
+
+def _planted_overflow_model():
+    import keras
+    import numpy as np
+
+    keras.config.set_dtype_policy("mixed_float16")
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(8, name="small"),
+        keras.layers.Dense(8, name="huge"),  # its weights push activations past 65504
+        keras.layers.Dense(1, name="after"),
+    ])
+    model.get_layer("huge").kernel.assign(np.full((8, 8), 3e4, "float32"))
+    model.compile("sgd", "mse")
+    return model
+
+
+def test_planted_float16_overflow_is_traced_to_its_layer():
+    import numpy as np
+
+    from kmp.diagnostics import trace_nonfinite
+
+    model = _planted_overflow_model()
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype("float32") + 3.0
+    trace = trace_nonfinite(model, x, np.zeros((4, 1), "float32"))
+    assert trace.forward is not None and trace.forward.name == "sequential/huge"
+    assert trace.forward.inf > 0 and trace.forward.dtype == "float16"
+    assert "sequential/huge" in str(trace)
+    # The model is untouched: calls work and no wrapper is left behind.
+    assert "call" not in model.get_layer("huge").__dict__
+    assert model(x).shape == (4, 1)
+
+
+def test_backward_overflow_at_a_large_loss_scale_is_traced():
+    import keras
+    import numpy as np
+
+    from kmp.diagnostics import trace_nonfinite
+
+    keras.config.set_dtype_policy("mixed_float16")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="a"),
+                              keras.layers.Dense(1, name="b")])
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(1).normal(size=(4, 4)).astype("float32")
+    y = np.full((4, 1), 100.0, "float32")
+    clean = trace_nonfinite(model, x, y)
+    assert clean.forward is None and clean.backward is None and clean.variables == []
+    trace = trace_nonfinite(model, x, y, loss_scale=2.0**20)
+    assert trace.forward is None  # the forward pass is fine; the scaled gradient is not
+    assert trace.backward is not None and trace.backward.name.startswith("sequential/b")
+    assert {s.name for s in trace.variables} >= {"sequential/a/kernel"}
