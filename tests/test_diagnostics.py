@@ -44,6 +44,7 @@ def _planted_overflow_model():
         keras.layers.Dense(8, name="huge"),  # its weights push activations past 65504
         keras.layers.Dense(1, name="after"),
     ])
+    model.get_layer("small").kernel.assign(np.full((4, 8), 1.0, "float32"))
     model.get_layer("huge").kernel.assign(np.full((8, 8), 3e4, "float32"))
     model.compile("sgd", "mse")
     return model
@@ -55,7 +56,7 @@ def test_planted_float16_overflow_is_traced_to_its_layer():
     from kmp.diagnostics import trace_nonfinite
 
     model = _planted_overflow_model()
-    x = np.random.default_rng(0).normal(size=(4, 4)).astype("float32") + 3.0
+    x = np.random.default_rng(0).uniform(1.0, 2.0, size=(4, 4)).astype("float32")
     trace = trace_nonfinite(model, x, np.zeros((4, 1), "float32"))
     assert trace.forward is not None and trace.forward.name == "sequential/huge"
     assert trace.forward.inf > 0 and trace.forward.dtype == "float16"
@@ -83,3 +84,33 @@ def test_backward_overflow_at_a_large_loss_scale_is_traced():
     assert trace.forward is None  # the forward pass is fine; the scaled gradient is not
     assert trace.backward is not None and trace.backward.name.startswith("sequential/b")
     assert {s.name for s in trace.variables} >= {"sequential/a/kernel"}
+
+
+def test_tiny_gradients_underflow_and_the_suggested_scale_rescues_them(tmp_path):
+    import keras
+    import numpy as np
+    from keras import ops
+
+    from kmp.diagnostics import gradient_histogram
+
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile("sgd", lambda y, p: 1e-7 * ops.mean(ops.square(y - p)))  # tiny gradients
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(64, 16)).astype("float32"), rng.normal(size=(64, 1)).astype("float32")
+    report = gradient_histogram(model, x, y)
+    before = report.fractions(1.0)
+    assert before["flush_to_zero"] > 0.5 and before["overflow"] == 0.0
+    scale = report.suggested_scale()
+    after = report.fractions(scale)
+    assert scale == 2.0**24 and after["flush_to_zero"] < 0.01 and after["overflow"] == 0.0
+    # With ordinary gradients the suggestion keeps a factor-2 margin below 65504.
+    model.compile("sgd", "mse")
+    normal = gradient_histogram(model, x, 1e3 * y)
+    top = max(float(m.max()) for m in normal.magnitudes.values())
+    s = normal.suggested_scale()
+    assert top * s * 2 <= 65504 < top * s * 4
+    assert report.fractions(scale, "activation")["flush_to_zero"] < 0.01
+    assert "sequential/dense/kernel | variable" in report.table()
+    report.plot(tmp_path / "grads.png")
+    assert (tmp_path / "grads.png").stat().st_size > 10_000

@@ -82,6 +82,25 @@ def trace_nonfinite(model, x, y=None, loss_scale: float = 1.0) -> Trace:
     >>> trace_nonfinite(m, np.ones((1, 2), "float32")).forward is None
     True
     """
+    loss, outputs, grads, var_grads = forward_backward(model, x, y, loss_scale)
+    forward = next((s for s in (TensorStats.of(layer.path, t) for layer, t in outputs)
+                    if not s.finite), None)
+    backward = None
+    for (layer, _), g in zip(reversed(outputs), reversed(grads)):
+        if g is not None:
+            stats = TensorStats.of(f"{layer.path} (gradient)", g)
+            if not stats.finite:
+                backward = stats
+                break
+    bad_vars = [s for s in (TensorStats.of(v.path, g) for v, g in
+                            zip(model.trainable_variables, var_grads) if g is not None)
+                if not s.finite]
+    return Trace(forward, backward, bad_vars, float(loss))
+
+
+def forward_backward(model, x, y=None, loss_scale: float = 1.0):
+    """One eager pass recording every layer output; returns (loss, outputs, output gradients,
+    variable gradients), outputs as (layer, tensor) in the order the calls finished."""
     import tensorflow as tf
 
     layers = list(model._flatten_layers(include_self=False, recursive=True))
@@ -119,17 +138,4 @@ def trace_nonfinite(model, x, y=None, loss_scale: float = 1.0) -> Trace:
                     del layer.call
                 else:
                     layer.call = call
-
-    forward = next((s for s in (TensorStats.of(layer.path, t) for layer, t in outputs)
-                    if not s.finite), None)
-    backward = None
-    for (layer, _), g in zip(reversed(outputs), reversed(grads)):
-        if g is not None:
-            stats = TensorStats.of(f"{layer.path} (gradient)", g)
-            if not stats.finite:
-                backward = stats
-                break
-    bad_vars = [s for s in (TensorStats.of(v.path, g) for v, g in
-                            zip(model.trainable_variables, var_grads) if g is not None)
-                if not s.finite]
-    return Trace(forward, backward, bad_vars, float(loss))
+    return loss, outputs, grads, var_grads
