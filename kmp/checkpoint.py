@@ -23,13 +23,18 @@ def _fsync_file(path: Path):
         os.fsync(fh.fileno())
 
 
-def write_json_atomic(path, data: dict):
-    """Writes `data` as JSON to `path` via a temporary file, fsync and rename."""
+def write_bytes_atomic(path, data: bytes):
+    """Writes `data` to `path` via a temporary file, fsync and rename: never half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_bytes(data)
     _fsync_file(tmp)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path, data: dict):
+    """Writes `data` as indented JSON to `path` atomically (see `write_bytes_atomic`)."""
+    write_bytes_atomic(path, json.dumps(data, indent=2).encode())
 
 
 class Checkpoint(keras.callbacks.Callback):

@@ -17,7 +17,10 @@ import os
 import sysconfig
 from pathlib import Path
 
+import keras
 import numpy as np
+
+from kmp.checkpoint import write_bytes_atomic, write_json_atomic
 
 EOT = "<|endoftext|>"
 # keras-hub pads prompts with id 0 and stops generating at the end token, so id 0 must not be
@@ -128,27 +131,12 @@ class TokenCache:
         return load_tokenizer(self.directory)
 
 
-def _progress(total, label):
-    import keras
-
-    return keras.utils.Progbar(total, unit_name=label)
-
-
 def _fingerprint(files, vocab_size) -> str:
     h = hashlib.sha256(f"v2 {vocab_size}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-
-def _write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> TokenCache:
@@ -184,7 +172,7 @@ def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> Tok
     # differently from `tokenizers`' ByteLevel pre-tokenizer (e.g. "\n\n" is one piece).
     tok = load_tokenizer(directory)
     eot = tok.token_to_id(EOT)
-    ids, progress = [], _progress(len(docs), "file")
+    ids, progress = [], keras.utils.Progbar(len(docs), unit_name="file")
     for i in range(0, len(docs), 64):
         for row in tok(docs[i:i + 64]):
             ids.extend(np.asarray(row).tolist())
@@ -197,12 +185,12 @@ def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> Tok
                          "into train and validation. Use a larger corpus.")
     blocks = np.arange(len(tokens)) // block
     is_val = blocks % VAL_EVERY_BLOCK == VAL_EVERY_BLOCK - 1
-    _write_atomic(directory / "train.bin", tokens[~is_val].tobytes())
-    _write_atomic(directory / "val.bin", tokens[is_val].tobytes())
+    write_bytes_atomic(directory / "train.bin", tokens[~is_val].tobytes())
+    write_bytes_atomic(directory / "val.bin", tokens[is_val].tobytes())
     meta = {"corpus": corpus, "files": len(files), "documents": len(docs), "skipped": skipped,
             "characters": sum(map(len, docs)), "vocab_size": tok.vocabulary_size(),
             "train_tokens": int((~is_val).sum()), "val_tokens": int(is_val.sum())}
-    _write_atomic(meta_path, json.dumps(meta, indent=2).encode())  # written last: marks complete
+    write_json_atomic(meta_path, meta)  # written last: marks the cache complete
     log(f"token cache: {directory} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
         f"tokens, {meta['characters'] / len(tokens):.2f} characters per token)")
     return TokenCache(directory, meta)
