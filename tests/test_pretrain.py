@@ -11,6 +11,7 @@ import pytest
 
 from kmp import checkpoint
 from kmp.cli import main as cli_main
+from kmp.diagnostics import parity_check
 from kmp.gpt import load_model
 from kmp.gpt.config import PRESETS
 from kmp.layers import Softmax
@@ -56,6 +57,10 @@ def test_tiny_run_writes_every_output(tmp_path):
     loaded = load_model(out / "model.keras")  # safe mode, islands back in
     assert loaded.generate("def", max_length=12).startswith("def")
     assert any(isinstance(layer, Softmax) for layer in loaded._flatten_layers())
+    x = {"token_ids": np.ones((2, 8), "int32"), "padding_mask": np.ones((2, 8), "int32")}
+    assert parity_check(loaded, x).flagged == []  # a keras-hub task with its preprocessor
+    # The diagnosis commands take the finished run: its model and its config.
+    assert cli_main(["parity", "--run", str(out), "--precision", "mixed_bfloat16"]) == 0
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -97,7 +97,8 @@ def gradient_histogram(model, x, y=None) -> GradientReport:
     """Collects |g| for every trainable variable and every layer output of one batch.
 
     Args:
-        model: keras.Model. Compiled (its loss is used) or not (the sum of its outputs is).
+        model: keras.Model. Its compiled loss is used when `y` is given; otherwise the
+            sum of its outputs.
         x: the input batch. y: targets for the compiled loss. Defaults to None.
 
     Returns:
@@ -110,9 +111,10 @@ def gradient_histogram(model, x, y=None) -> GradientReport:
     >>> report.suggested_scale() > 1
     True
     """
-    from kmp.diagnostics.tracing import forward_backward
+    from kmp.diagnostics.tracing import forward_backward, walk
 
     loss, outputs, out_grads, var_grads = forward_backward(model, x, y)
+    paths = {id(layer): path for path, layer in walk(model)}
     magnitudes, kinds = {}, {}
 
     def add(name, kind, g):
@@ -123,7 +125,7 @@ def gradient_histogram(model, x, y=None) -> GradientReport:
         kinds[key] = kind
 
     for (layer, _), g in zip(outputs, out_grads):
-        add(layer.path, "activation", g)
+        add(paths[id(layer)], "activation", g)
     for v, g in zip(model.trainable_variables, var_grads):
         add(v.path, "variable", g)
     return GradientReport(magnitudes, kinds)

@@ -70,9 +70,17 @@ def estimate_memory(config: GPTConfig, policy: str = "mixed_bfloat16") -> Memory
     return MemoryEstimate(policy, 4 * n, 4 * n + accumulators, 8 * n, activations)
 
 
-def memory_table(config: GPTConfig) -> str:
-    """A Markdown table of `estimate_memory` for every policy, in GiB."""
-    lines = ["| policy | parameters | gradients | optimizer | activations | total (GiB) |",
-             "|---|---|---|---|---|---|"]
-    lines += [estimate_memory(config, p).row() for p in POLICIES]
+def memory_table(config: GPTConfig, measured: dict | None = None) -> str:
+    """A Markdown table of `estimate_memory` for every policy, in GiB; with `measured` (policy
+    -> bytes, e.g. GPU peaks from `kmp memory --measure`), the measured peak and the ratio."""
+    head = "| policy | parameters | gradients | optimizer | activations | total (GiB) |"
+    lines = [head + (" measured peak (GiB) | estimate / measured |" if measured else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if measured else "")]
+    for policy in POLICIES:
+        est = estimate_memory(config, policy)
+        row = est.row()
+        if measured:
+            peak = measured.get(policy)
+            row += (f" {peak / 2**30:.3f} | {est.total / peak:.2f} |" if peak else " - | - |")
+        lines.append(row)
     return "\n".join(lines)

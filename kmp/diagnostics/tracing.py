@@ -10,6 +10,7 @@ backend; nothing of the model changes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import keras
@@ -59,8 +60,11 @@ class Trace:
         lines = [f"loss: {self.loss}",
                  f"first non-finite output (forward order): {self.forward or 'none'}",
                  f"first non-finite output gradient (backward order): {self.backward or 'none'}"]
+        shown = list(map(str, self.variables[:10]))
+        if len(self.variables) > 10:
+            shown.append(f"... and {len(self.variables) - 10} more (Trace.variables)")
         lines.append("non-finite variable gradients: " + (
-            "none" if not self.variables else "\n  " + "\n  ".join(map(str, self.variables))))
+            "none" if not shown else f"{len(self.variables)}\n  " + "\n  ".join(shown)))
         return "\n".join(lines)
 
 
@@ -68,7 +72,8 @@ def trace_nonfinite(model, x, y=None, loss_scale: float = 1.0) -> Trace:
     """Finds the first layer whose forward output or backward gradient is non-finite.
 
     Args:
-        model: keras.Model. Compiled (its loss is used) or not (the sum of its outputs is).
+        model: keras.Model. Its compiled loss is used when `y` is given; otherwise the
+            sum of its outputs.
         x: the model's input batch.
         y: targets for the compiled loss. Defaults to None.
         loss_scale: float. Multiplies the loss before the backward pass, as a loss-scaled
@@ -83,12 +88,13 @@ def trace_nonfinite(model, x, y=None, loss_scale: float = 1.0) -> Trace:
     True
     """
     loss, outputs, grads, var_grads = forward_backward(model, x, y, loss_scale)
-    forward = next((s for s in (TensorStats.of(layer.path, t) for layer, t in outputs)
+    paths = {id(layer): path for path, layer in walk(model)}
+    forward = next((s for s in (TensorStats.of(paths[id(layer)], t) for layer, t in outputs)
                     if not s.finite), None)
     backward = None
     for (layer, _), g in zip(reversed(outputs), reversed(grads)):
         if g is not None:
-            stats = TensorStats.of(f"{layer.path} (gradient)", g)
+            stats = TensorStats.of(f"{paths[id(layer)]} (gradient)", g)
             if not stats.finite:
                 backward = stats
                 break
@@ -98,13 +104,25 @@ def trace_nonfinite(model, x, y=None, loss_scale: float = 1.0) -> Trace:
     return Trace(forward, backward, bad_vars, float(loss))
 
 
-def forward_backward(model, x, y=None, loss_scale: float = 1.0):
-    """One eager pass recording every layer output; returns (loss, outputs, output gradients,
-    variable gradients), outputs as (layer, tensor) in the order the calls finished."""
-    import tensorflow as tf
+def walk(model, prefix="", seen=None):
+    """(path, layer) once for every nested layer, depth first; a layer without a `path` (keras
+    sublayers created outside a build) gets its parent's path plus its name."""
+    seen = set() if seen is None else seen
+    for child in model._flatten_layers(include_self=False, recursive=False):
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
+        path = child.path or f"{prefix}/{child.name}".lstrip("/")
+        yield path, child
+        yield from walk(child, path, seen)
 
-    layers = list(model._flatten_layers(include_self=False, recursive=True))
-    outputs = []  # (layer, tensor) as calls finish
+
+@contextlib.contextmanager
+def recorded_outputs(model):
+    """Within the block, every float output of every (nested) layer of `model` is appended to
+    the yielded list as (layer, tensor), in the order the calls finish; the layers' own `call`
+    is put back afterwards."""
+    outputs = []
 
     def recording(layer, call):
         def call_and_record(*args, **kwargs):
@@ -115,27 +133,35 @@ def forward_backward(model, x, y=None, loss_scale: float = 1.0):
             return out
         return call_and_record
 
-    originals = {}
+    originals = []
     try:
-        for layer in layers:
-            originals[id(layer)] = (layer, layer.__dict__.get("call"))
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            originals.append((layer, layer.__dict__.get("call")))
             with tracking_unlocked(layer):
                 layer.call = recording(layer, layer.call)
-        with tf.GradientTape(persistent=True) as tape:
-            y_pred = model(x, training=True)
-            if getattr(model, "compiled_loss", None) is not None or getattr(model, "loss", None):
-                loss = model.compute_loss(x=x, y=y, y_pred=y_pred)
-            else:
-                loss = sum(keras.ops.sum(keras.ops.cast(t, "float32"))
-                           for t in keras.tree.flatten(y_pred))
-            scaled = loss * loss_scale
-        grads = tape.gradient(scaled, [t for _, t in outputs])
-        var_grads = tape.gradient(scaled, model.trainable_variables)
+        yield outputs
     finally:
-        for layer, call in originals.values():
+        for layer, call in originals:
             with tracking_unlocked(layer):
                 if call is None:
                     del layer.call
                 else:
                     layer.call = call
+
+
+def forward_backward(model, x, y=None, loss_scale: float = 1.0, training: bool = True):
+    """One eager pass recording every layer output; returns (loss, outputs, output gradients,
+    variable gradients), outputs as (layer, tensor) in the order the calls finished."""
+    import tensorflow as tf
+
+    with recorded_outputs(model) as outputs, tf.GradientTape(persistent=True) as tape:
+        y_pred = model(x, training=training)
+        if y is not None and getattr(model, "loss", None) is not None:
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred)
+        else:
+            loss = sum(keras.ops.sum(keras.ops.cast(t, "float32"))
+                       for t in keras.tree.flatten(y_pred))
+        scaled = loss * loss_scale
+    grads = tape.gradient(scaled, [t for _, t in outputs])
+    var_grads = tape.gradient(scaled, model.trainable_variables)
     return loss, outputs, grads, var_grads

@@ -61,6 +61,8 @@ def harden(model, float32_residual=False):
             old = layer._softmax
             with tracking_unlocked(layer):
                 layer._softmax = Softmax(axis=old.axis, dtype=old.dtype_policy, name=old.name)
+            if old in layer._layers:  # untrack the replaced softmax (no weights)
+                layer._layers.remove(old)
     if float32_residual:
         stream = ("embeddings_add", "embeddings_dropout", "layer_norm")
         if not hasattr(backbone, "transformer_layers") or not all(
