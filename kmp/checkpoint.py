@@ -1,14 +1,16 @@
 """Atomic training checkpoints: weights, optimizer and loss-scale state, and a JSON record.
 
 A checkpoint is `step-NNNNNNN.weights.h5` (model and optimizer variables, which include
-kmp.LossScaleOptimizer's scale and counters) plus `latest.json`, which names it and carries the
-epoch, the optimizer step and any extra state. Each file is written under a temporary name,
-flushed to disk and renamed into place, and `latest.json` is replaced last: a kill at any moment
-leaves the previous checkpoint whole and named.
+kmp.LossScaleOptimizer's scale and counters) plus `latest.json`, which names it and carries its
+size and SHA-256, the epoch, the optimizer step, a precision record (policy, loss-scaler state,
+versions, device) and any extra state. Each file is written under a temporary name, flushed to
+disk and renamed into place, and `latest.json` is replaced last: a kill at any moment leaves the
+previous checkpoint whole and named. Weights files are HDF5 arrays: loading runs no code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -70,7 +72,9 @@ class Checkpoint(keras.callbacks.Callback):
         self.model.save_weights(tmp, overwrite=True)
         _fsync_file(tmp)
         os.replace(tmp, self.directory / name)
-        record = {"weights": name, "epoch": epoch, "step": step,
+        record = {"weights": name, "bytes": (self.directory / name).stat().st_size,
+                  "sha256": _sha256(self.directory / name), "epoch": epoch, "step": step,
+                  "precision": precision_record(self.model),
                   "extra": self.extra_state() if self.extra_state else {}}
         write_json_atomic(self.directory / LATEST, record)
         old = sorted(self.directory.glob("step-*.weights.h5"))[:-self.keep]
@@ -80,22 +84,76 @@ class Checkpoint(keras.callbacks.Callback):
         return record
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def precision_record(model) -> dict:
+    """What a checkpoint depends on: policy, loss scaling, scaler state, versions, device."""
+    import tensorflow as tf
+
+    import kmp
+    from kmp.hardware import detect
+
+    optimizer = model.optimizer
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    state = optimizer.state() if isinstance(optimizer, kmp.LossScaleOptimizer) else None
+    return {"policy": model.dtype_policy.name, "loss_scaling": scaled, "scaler": state,
+            "versions": {"kmp": kmp.__version__, "keras": keras.__version__,
+                         "tensorflow": tf.__version__},
+            "device": detect().describe()}
+
+
 def latest(directory) -> dict | None:
-    """The record of the newest complete checkpoint in `directory`, or None if there is none."""
+    """The record of the newest complete checkpoint in `directory`, or None if there is none.
+
+    Raises:
+        ValueError: when `latest.json` is not a kmp checkpoint record.
+    """
     path = Path(directory) / LATEST
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not {"weights", "epoch", "step"} <= set(record):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not a kmp checkpoint record (damaged or from another "
+                         "tool). Point --out at a kmp pretrain run, or drop --resume.") from None
+    return record
 
 
-def restore(model, directory) -> dict:
-    """Loads the newest checkpoint into a compiled `model` (weights and optimizer state).
+def precision_change(record: dict, model) -> str | None:
+    """Explains how resuming `record` under `model`'s precision differs, or None if it does not."""
+    saved = record.get("precision")
+    if not saved:
+        return None
+    now = precision_record(model)
+    notes = []
+    if saved["policy"] != now["policy"]:
+        scale = ("; the loss scale starts fresh at its initial value" if now["loss_scaling"]
+                 and not saved["loss_scaling"] else "; loss scaling is dropped"
+                 if saved["loss_scaling"] and not now["loss_scaling"] else "")
+        notes.append(f"the checkpoint was trained under {saved['policy']} and resumes under "
+                     f"{now['policy']}: weights and optimizer moments are float32 in both and "
+                     f"carry over{scale}. Expect a small jump in the loss")
+    if saved["device"] != now["device"]:
+        notes.append(f"it was written on {saved['device']}, not this {now['device']}")
+    if saved["versions"] != now["versions"]:
+        notes.append(f"it was written with {saved['versions']}, now {now['versions']}")
+    return "; ".join(notes) + "." if notes else None
 
-    Returns:
-        The checkpoint's record (weights, epoch, step, extra).
+
+def verify(directory) -> dict:
+    """The newest checkpoint's record, after checking its weights file's size and SHA-256.
 
     Raises:
         FileNotFoundError: when `directory` holds no checkpoint.
+        ValueError: when the record or the weights file is damaged.
     """
     record = latest(directory)
     if record is None:
@@ -103,6 +161,49 @@ def restore(model, directory) -> dict:
             f"No checkpoint to resume from in {directory} (no {LATEST}). Drop --resume to start "
             "a new run."
         )
-    model.optimizer.build(model.trainable_variables)
-    model.load_weights(Path(directory) / record["weights"])
+    path = Path(directory) / record["weights"]
+    size = path.stat().st_size if path.exists() else None
+    if size is None or size != record.get("bytes", size) or (
+            "sha256" in record and _sha256(path) != record["sha256"]):
+        raise ValueError(
+            f"checkpoint {path} is missing or damaged ({size} bytes, expected "
+            f"{record.get('bytes')}, or a checksum mismatch). Restore it from a backup, or "
+            "start a new run without --resume.")
+    return record
+
+
+def restore(model, directory) -> dict:
+    """Loads the newest checkpoint into a compiled `model` (weights and optimizer state).
+
+    The checkpoint is checked first (`verify`). A checkpoint written with loss scaling loads
+    into a model without it and the reverse (a precision change, see `precision_change`): the
+    optimizer's own state carries over, the loss scale does not.
+
+    Returns:
+        The checkpoint's record (weights, epoch, step, precision, extra).
+
+    Raises:
+        FileNotFoundError: when `directory` holds no checkpoint.
+        ValueError: when the checkpoint is damaged or does not fit the model.
+    """
+    record = verify(directory)
+    path = Path(directory) / record["weights"]
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    scaled_now = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    scaled_then = (record.get("precision") or {}).get("loss_scaling", scaled_now)
+    if scaled_then and not scaled_now:  # load through a scaler of the checkpoint's layout
+        from kmp.scaling import LossScaleOptimizer
+
+        model.optimizer = LossScaleOptimizer(optimizer)
+        model.optimizer.build(model.trainable_variables)
+    elif scaled_now and not scaled_then:
+        model.optimizer = optimizer.inner_optimizer
+    try:
+        model.load_weights(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"checkpoint {path} does not fit this model ({str(e)[:120]}). Resume "
+                         "with the run's own config, or start a new run.") from None
+    finally:
+        model.optimizer = optimizer
     return record

@@ -162,8 +162,12 @@ def _diagnose(command, rest) -> int:
                              "config.json and model.keras). Pass its --out directory.")
         given = {f.name: getattr(opts, f.name) for f in dataclasses.fields(GPTConfig)
                  if getattr(opts, f.name, None) is not None}
-        config = dataclasses.replace(GPTConfig(**json.loads((run / "config.json").read_text())),
-                                     **given)
+        saved = json.loads((run / "config.json").read_text())
+        if given.get("seq_len", saved["seq_len"]) > saved["seq_len"]:
+            raise ValueError(f"--seq-len {given['seq_len']} is longer than the model's maximum "
+                             f"{saved['seq_len']} (its position embedding). Use --seq-len "
+                             f"{saved['seq_len']} or less.")
+        config = dataclasses.replace(GPTConfig(**saved), **given)
 
     import keras
     import numpy as np
@@ -175,7 +179,8 @@ def _diagnose(command, rest) -> int:
 
     plan = kmp.set_policy(config.precision)
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config)
+    model = build_model(dataclasses.replace(config, seq_len=saved["seq_len"]) if opts.run
+                        else config)
     where = f"fresh {config.preset} GPT (seed {config.seed})"
     if opts.run:  # the trained weights, under the precision asked for
         model.load_weights(run / "model.keras")

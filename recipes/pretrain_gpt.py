@@ -22,7 +22,7 @@ import tensorflow as tf
 
 import kmp
 from kmp.callbacks import PrecisionMonitor, Throughput
-from kmp.checkpoint import Checkpoint, restore, write_json_atomic
+from kmp.checkpoint import Checkpoint, precision_change, restore, verify, write_json_atomic
 from kmp.gpt import data, report
 from kmp.gpt.config import GPTConfig, add_arguments, from_args
 from kmp.gpt.model import build_model, flops_per_token, make_optimizer
@@ -47,8 +47,20 @@ def prepare_out(config: GPTConfig) -> Path:
         raise ValueError(f"--out {config.out!r} is not writable ({e.strerror}). "
                          "Pick another directory.") from None
     saved = out / "config.json"
-    if config.resume and saved.exists():
-        old = json.loads(saved.read_text())
+    if config.resume and not saved.exists():
+        raise ValueError(f"--resume: {out} is not a kmp pretrain run (no config.json). Point "
+                         "--out at a run's directory, or drop --resume.")
+    if config.resume:
+        try:
+            old = json.loads(saved.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"--resume: {saved} is not a kmp config (damaged?). Point --out "
+                             "at a kmp pretrain run, or drop --resume.") from None
+        verify(out / "checkpoints")  # before anything in the run is rewritten
+        if config.seq_len > old.get("seq_len", config.seq_len):
+            raise ValueError(f"--seq-len {config.seq_len} is longer than the model's maximum "
+                             f"{old['seq_len']} (its position embedding). Resume with "
+                             f"--seq-len {old['seq_len']}.")
         shape = ("vocab_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
                  "seq_len")
         changed = [f"{k} {old.get(k)} -> {getattr(config, k)}" for k in shape
@@ -99,6 +111,9 @@ def main(argv=None) -> int:
         record = restore(model, ckpt_dir)
         initial_epoch, history_state = record["epoch"], record["extra"].get("history")
         print(f"resume: from step {record['step']} (epoch {initial_epoch} of {epochs})")
+        change = precision_change(record, model)
+        if change:
+            print(f"resume: warning: {change}")
     history = report.LossHistory(config.grad_accum, state=history_state)
     train_ds = data.train_dataset(cache, config.seq_len, config.batch_size, config.seed,
                                   start=initial_epoch * batches_per_epoch,

@@ -116,6 +116,8 @@ def test_resume_refuses_another_shape_or_no_checkpoint(tmp_path):
     run(tmp_path, "--steps", "2", "--precision", "float32")
     with pytest.raises(ValueError, match="another model shape"):
         run(tmp_path, "--steps", "2", "--hidden-dim", "64", "--resume")
+    (tmp_path / "fresh").mkdir()  # a run's config without any checkpoint
+    (tmp_path / "fresh" / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         run(tmp_path, "--steps", "2", "--resume", name="fresh")
 

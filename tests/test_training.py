@@ -79,6 +79,7 @@ def test_plain_path_set_policy_then_keras_compile_still_works():
 @pytest.mark.parametrize("jit", [False, True])
 def test_monitor_records_overflows_in_logs_and_events(jit, tmp_path):
     kmp.set_policy("mixed_float16")
+    keras.utils.set_random_seed(0)  # some inits overflow once more on their own
     model = _model()
     kmp.compile(model, keras.optimizers.SGD(0.01), "mse", jit_compile=jit)
     x, y = _data(bad_rows=8)

@@ -63,14 +63,12 @@ class GradientReport:
 
     def plot(self, path, scale: float | None = None):
         """PNG of the log2|g| histogram (activation and variable gradients) against float16."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: no global backend change
 
         scale = self.suggested_scale() if scale is None else scale
         bins = np.arange(-60, 21)
-        fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+        fig = Figure(figsize=(8, 4), dpi=120)
+        ax = fig.subplots()
         for kind in ("activation", "variable"):
             v = self._values(kind)
             v = v[v > 0]
@@ -90,7 +88,6 @@ class GradientReport:
         ax.legend(fontsize=8, loc="upper left")
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
 
 
 def gradient_histogram(model, x, y=None) -> GradientReport:

@@ -53,7 +53,8 @@ class Parity:
     def __str__(self):
         worst = max(self.rows, key=lambda r: np.nan_to_num(r.rel_error, nan=np.inf))
         head = (f"{self.policy} against float32, same weights and batch: loss {self.loss:.6g} "
-                f"vs {self.reference_loss:.6g}; worst {worst.kind} {worst.name} "
+                f"vs {self.reference_loss:.6g}; worst "
+                f"{worst.kind if worst.kind == worst.name else worst.kind + ' ' + worst.name} "
                 f"{worst.rel_error:.2e}; {len(self.flagged)} of {len(self.rows)} tensors above "
                 f"tolerance {self.tolerance:g}")
         return head + ("\n" + self.table(only_flagged=True) if self.flagged else "")

@@ -215,8 +215,8 @@ def _field_help() -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds `--preset` and one `--field-name` option per config field (default: the preset's)."""
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS),
-                        help="named config to start from (default: tiny)")
+    parser.add_argument("--preset", default="tiny", help="named config to start from: "
+                        f"{', '.join(PRESETS)} (default: tiny)")
     helps = _field_help()
     for f in dataclasses.fields(GPTConfig):
         if f.name == "preset":

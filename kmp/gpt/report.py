@@ -57,12 +57,10 @@ class LossHistory(keras.callbacks.Callback):
 
 def plot_losses(history: LossHistory, path, title: str):
     """Writes a PNG of the training loss per step and the validation loss per evaluation."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend change
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.subplots()
     if history.train:
         steps, losses = zip(*history.train)
         ax.plot(steps, losses, lw=0.8, alpha=0.7, label="train (per step)")
@@ -76,7 +74,6 @@ def plot_losses(history: LossHistory, path, title: str):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def sample_text(model, tokenizer, prompts, max_length, seed=0, k=40, temperature=0.8):
