@@ -120,6 +120,7 @@ def _memory(args, rest) -> int:
     print(memory_table(config, measured))
     return 0
 
+
 _DIAGNOSES = {
     "audit": "per-layer variable, compute and measured output dtypes, FP32 islands, "
              "Tensor Core shapes, and warnings for known traps",
