@@ -172,10 +172,11 @@ def verify(directory) -> dict:
     return record
 
 
-def restore(model, directory) -> dict:
+def restore(model, directory, record: dict | None = None) -> dict:
     """Loads the newest checkpoint into a compiled `model` (weights and optimizer state).
 
-    The checkpoint is checked first (`verify`). A checkpoint written with loss scaling loads
+    The checkpoint is checked first (`verify`) unless `record`, what `verify` returned, is
+    given. A checkpoint written with loss scaling loads
     into a model without it and the reverse (a precision change, see `precision_change`): the
     optimizer's own state carries over, the loss scale does not.
 
@@ -186,7 +187,7 @@ def restore(model, directory) -> dict:
         FileNotFoundError: when `directory` holds no checkpoint.
         ValueError: when the checkpoint is damaged or does not fit the model.
     """
-    record = verify(directory)
+    record = verify(directory) if record is None else record
     path = Path(directory) / record["weights"]
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)

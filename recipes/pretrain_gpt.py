@@ -36,8 +36,9 @@ def parse_config(argv=None) -> GPTConfig:
     return from_args(parser.parse_args(argv))
 
 
-def prepare_out(config: GPTConfig) -> Path:
-    """Creates --out, checks it is writable, and saves config.json (checked on --resume)."""
+def prepare_out(config: GPTConfig) -> tuple[Path, dict | None]:
+    """Creates --out, checks it is writable and, on --resume, that it holds this model's run
+    and a whole checkpoint (whose record it returns); then saves config.json."""
     out = Path(config.out).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def prepare_out(config: GPTConfig) -> Path:
         except (ValueError, UnicodeDecodeError):
             raise ValueError(f"--resume: {saved} is not a kmp config (damaged?). Point --out "
                              "at a kmp pretrain run, or drop --resume.") from None
-        verify(out / "checkpoints")  # before anything in the run is rewritten
+        record = verify(out / "checkpoints")  # before anything in the run is rewritten
         if config.seq_len > old.get("seq_len", config.seq_len):
             raise ValueError(f"--seq-len {config.seq_len} is longer than the model's maximum "
                              f"{old['seq_len']} (its position embedding). Resume with "
@@ -69,14 +70,14 @@ def prepare_out(config: GPTConfig) -> Path:
             raise ValueError(f"--resume: the run in {out} has another model shape "
                              f"({', '.join(changed)}). Use the same shape or another --out.")
     write_json_atomic(saved, json.loads(config.to_json()))
-    return out
+    return out, record if config.resume else None
 
 
 def main(argv=None) -> int:
     started = time.time()
     config = parse_config(argv)
     print("config:\n" + config.to_json())
-    out = prepare_out(config)
+    out, verified = prepare_out(config)
     interval = config.eval_interval
     keras.utils.set_random_seed(config.seed)
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     ckpt_dir = out / "checkpoints"
     initial_epoch, history_state = 0, None
     if config.resume:
-        record = restore(model, ckpt_dir)
+        record = restore(model, ckpt_dir, verified)
         initial_epoch, history_state = record["epoch"], record["extra"].get("history")
         print(f"resume: from step {record['step']} (epoch {initial_epoch} of {epochs})")
         change = precision_change(record, model)

@@ -14,8 +14,10 @@ import math
 import keras
 import numpy as np
 
+from kmp.layers.head import LMHead
+from kmp.layers.islands import _Float32Island
+
 HALF = ("float16", "bfloat16")
-_ISLAND_CLASSES = ("Softmax", "LayerNorm", "RMSNorm", "LMHead")  # kmp.layers: float32 inside
 _UPCASTING = (keras.layers.LayerNormalization, keras.layers.BatchNormalization)  # keras's own
 
 
@@ -102,7 +104,7 @@ def _tensor_cores(layer) -> str:
 
 
 def _is_island(layer, model_compute: str) -> bool:
-    if type(layer).__name__ in _ISLAND_CLASSES and type(layer).__module__.startswith("kmp."):
+    if isinstance(layer, (_Float32Island, LMHead)):  # kmp.layers: float32 inside
         return True
     if model_compute in HALF and isinstance(layer, _UPCASTING):
         return True

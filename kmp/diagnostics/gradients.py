@@ -108,10 +108,10 @@ def gradient_histogram(model, x, y=None) -> GradientReport:
     >>> report.suggested_scale() > 1
     True
     """
-    from kmp.diagnostics.tracing import forward_backward, walk
+    from kmp.diagnostics.tracing import forward_backward, layer_paths
 
     loss, outputs, out_grads, var_grads = forward_backward(model, x, y)
-    paths = {id(layer): path for path, layer in walk(model)}
+    paths = layer_paths(model)
     magnitudes, kinds = {}, {}
 
     def add(name, kind, g):

@@ -146,7 +146,7 @@ def parity_check(model, x, y=None, tolerance: float | None = None,
     >>> parity_check(m, x).flagged
     []
     """
-    from kmp.diagnostics.tracing import forward_backward, walk
+    from kmp.diagnostics.tracing import forward_backward, layer_paths, walk
 
     compute = keras.backend.standardize_dtype(model.compute_dtype)
     policy = model.dtype_policy.name
@@ -163,7 +163,7 @@ def parity_check(model, x, y=None, tolerance: float | None = None,
         raise ValueError(f"parity_check: the float32 rebuild of {model.name} records "
                          f"{len(ref_outs)} layer outputs, the model {len(outs)}; the model's "
                          "config does not rebuild it (a layer made outside get_config?).")
-    paths = {id(layer): path for path, layer in walk(model)}
+    paths = layer_paths(model)
     std = keras.backend.standardize_dtype
     errors = _errors([(t, r) for (_, t), (_, r) in zip(outs, ref_outs)])
     rows = [ParityRow(paths[id(layer)], "output", std(t.dtype), e)

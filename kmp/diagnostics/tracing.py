@@ -88,7 +88,7 @@ def trace_nonfinite(model, x, y=None, loss_scale: float = 1.0) -> Trace:
     True
     """
     loss, outputs, grads, var_grads = forward_backward(model, x, y, loss_scale)
-    paths = {id(layer): path for path, layer in walk(model)}
+    paths = layer_paths(model)
     forward = next((s for s in (TensorStats.of(paths[id(layer)], t) for layer, t in outputs)
                     if not s.finite), None)
     backward = None
@@ -115,6 +115,11 @@ def walk(model, prefix="", seen=None):
         path = child.path or f"{prefix}/{child.name}".lstrip("/")
         yield path, child
         yield from walk(child, path, seen)
+
+
+def layer_paths(model) -> dict:
+    """id(layer) -> path for every nested layer of `model` (see `walk`)."""
+    return {id(layer): path for path, layer in walk(model)}
 
 
 @contextlib.contextmanager
