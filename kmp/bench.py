@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import resource
 import statistics
 import time
@@ -21,7 +22,7 @@ import keras
 
 from kmp.gpt import data
 from kmp.gpt.config import GPTConfig
-from kmp.gpt.model import build_model, flops_per_token, make_optimizer
+from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
 from kmp.hardware import detect, peak_flops
 from kmp.policy import POLICIES
 from kmp.policy import plan as make_plan
@@ -71,14 +72,29 @@ def _runs(policies, xla) -> list[Run]:
     return runs
 
 
-def _gpu_peak(reset: bool):
+def state_bytes(model) -> int:
+    """Bytes of a model's variables and its optimizer's (what it keeps on the device between
+    steps)."""
+    import tensorflow as tf
+
+    seen, total = set(), 0
+    for v in [*model.variables, *getattr(model.optimizer, "variables", [])]:
+        if id(v) not in seen:
+            seen.add(id(v))
+            total += math.prod(v.shape) * tf.as_dtype(v.dtype).size
+    return total
+
+
+def _gpu_memory(reset: bool):
+    """Bytes in use on GPU:0 after resetting its peak (reset=True), or its peak since then;
+    None without a GPU."""
     import tensorflow as tf
 
     if not tf.config.list_physical_devices("GPU"):
         return None
     if reset:
         tf.config.experimental.reset_memory_stats("GPU:0")
-        return None
+        return tf.config.experimental.get_memory_info("GPU:0")["current"]
     return tf.config.experimental.get_memory_info("GPU:0")["peak"]
 
 
@@ -134,7 +150,7 @@ def _build(config, run):
         keras.utils.set_random_seed(config.seed)
         model = build_model(config)
         optimizer = make_optimizer(config, model)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        loss = lm_loss()
         if run.path == "keras":
             model.compile(optimizer, loss, weighted_metrics=[], jit_compile=run.jit)
             return model, ()
@@ -167,15 +183,15 @@ def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
     for r in range(repeats):
         for k in range(len(runs)):
             i = (k + r) % len(runs)
-            _gpu_peak(reset=True)
+            before = _gpu_memory(reset=True)
             t = time.perf_counter()
             loss = _fit(*built[i], cache, config, next_batch, i, chunk)
             runs[i].step_seconds.append((time.perf_counter() - t) / chunk)
             runs[i].final_loss = loss
-            peak = _gpu_peak(reset=False)
-            if peak is not None:
-                runs[i].peak_memory = max(runs[i].peak_memory or 0, peak)
-                runs[i].memory_kind = "GPU peak"
+            if before is not None:  # the other models' variables stay resident: leave them out
+                own = _gpu_memory(reset=False) - before + state_bytes(built[i][0])
+                runs[i].peak_memory = max(runs[i].peak_memory or 0, own)
+                runs[i].memory_kind = "GPU peak (this model's)"
             progress.add(1)
     tokens = config.batch_size * config.seq_len
     fpt = flops_per_token(config)

@@ -176,7 +176,7 @@ def _diagnose(command, rest) -> int:
     import kmp
     from kmp import diagnostics
     from kmp.gpt import data
-    from kmp.gpt.model import build_model, make_optimizer
+    from kmp.gpt.model import build_model, lm_loss, make_optimizer
 
     plan = kmp.set_policy(config.precision)
     keras.utils.set_random_seed(config.seed)
@@ -186,8 +186,7 @@ def _diagnose(command, rest) -> int:
     if opts.run:  # the trained weights, under the precision asked for
         model.load_weights(run / "model.keras")
         where = f"{run / 'model.keras'}"
-    kmp.compile(model, make_optimizer(config, model),
-                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    kmp.compile(model, make_optimizer(config, model), lm_loss())
     cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir)
     tokens, targets = data.window_batch(cache.val, config.seq_len, config.batch_size,
                                         config.seed, 0)

@@ -13,10 +13,11 @@ POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 CHOICES = ("auto",) + POLICIES
 
 # `kmp bench --preset small` on a 2-core Xeon with AVX512_BF16/AMX (keras 3.15, TF 2.21; see
-# docs/benchmarks.md): tokens/s relative to float32 without XLA: mixed_bfloat16 1.43x
-# without XLA (0.92x with XLA, measured with float32 logits), mixed_float16 1.02x.
-_CPU_NOTE = ("kmp bench, small GPT on a 2-core AVX512_BF16 CPU: bf16 1.43x float32's tokens/s "
-             "without XLA, 0.92x with XLA; fp16 1.02x")
+# docs/benchmarks.md), tokens/s relative to float32 with the same XLA setting, across three
+# sessions: mixed_bfloat16 1.32x-1.68x without XLA (and 1.53x the fastest float32 run), 0.79x-0.92x
+# with XLA; mixed_float16 0.88x-1.02x.
+_CPU_NOTE = ("kmp bench, small GPT on a 2-core AVX512_BF16 CPU: bf16 1.3x to 1.7x float32's "
+             "tokens/s without XLA, 0.8x to 0.9x with XLA; fp16 0.9x to 1.0x")
 
 
 @dataclasses.dataclass(frozen=True)

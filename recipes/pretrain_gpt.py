@@ -25,7 +25,7 @@ from kmp.callbacks import PrecisionMonitor, Throughput
 from kmp.checkpoint import Checkpoint, precision_change, restore, verify, write_json_atomic
 from kmp.gpt import data, report
 from kmp.gpt.config import GPTConfig, add_arguments, from_args
-from kmp.gpt.model import build_model, flops_per_token, make_optimizer
+from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
 from kmp.hardware import detect, peak_flops
 
 
@@ -100,8 +100,7 @@ def main(argv=None) -> int:
         model = build_model(config)
         optimizer = kmp.compile(
             model, make_optimizer(config, model),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            weighted_metrics=[], jit_compile=jit)
+            loss=lm_loss(), weighted_metrics=[], jit_compile=jit)
     print(f"model: GPT-2 {config.num_layers} layers x {config.hidden_dim} wide, "
           f"{model.count_params():,} parameters, {strategy.num_replicas_in_sync} replica(s)")
 

@@ -37,6 +37,27 @@ def test_memory_command_prints_every_policy(capsys):
     assert "| 40.000 | 1.00 |" in table and "| 25.000 | 0.96 |" in table and "| - | - |" in table
 
 
+def test_bench_counts_a_models_resident_state_as_the_estimate_does():
+    # kmp bench subtracts the other models' resident bytes from the GPU peak and adds back
+    # this model's: its variables plus the optimizer's (AdamW moments, loss-scale counters).
+    import keras
+
+    import kmp
+    from kmp.bench import state_bytes
+
+    config = gpt.preset("tiny", num_layers=3, vocab_size=1000)
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = gpt.build_model(config)
+        optimizer = kmp.compile(model, gpt.make_optimizer(config, model), loss="mse")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    optimizer.build(model.trainable_variables)
+    est = estimate_memory(config, "mixed_float16")
+    extra = state_bytes(model) - (est.parameters + est.optimizer)
+    assert 0 < extra < 1024, extra  # iterations, learning rate, scale and its counters
+
+
 def _planted_overflow_model():
     import keras
     import numpy as np

@@ -2,11 +2,19 @@
 
 from kmp.gpt.config import PRESETS, GPTConfig, add_arguments, from_args, preset
 from kmp.gpt.data import TokenCache, build_token_cache, train_dataset, val_dataset
-from kmp.gpt.model import build_model, flops_per_token, load_model, make_optimizer, param_count
+from kmp.gpt.model import (
+    NextTokenCrossentropy,
+    build_model,
+    flops_per_token,
+    lm_loss,
+    load_model,
+    make_optimizer,
+    param_count,
+)
 from kmp.gpt.report import sample_text
 
 __all__ = [
-    "GPTConfig", "PRESETS", "TokenCache", "add_arguments", "build_model", "build_token_cache",
-    "flops_per_token", "from_args", "load_model", "make_optimizer", "param_count", "preset",
-    "sample_text", "train_dataset", "val_dataset",
+    "GPTConfig", "NextTokenCrossentropy", "PRESETS", "TokenCache", "add_arguments",
+    "build_model", "build_token_cache", "flops_per_token", "from_args", "lm_loss", "load_model",
+    "make_optimizer", "param_count", "preset", "sample_text", "train_dataset", "val_dataset",
 ]
