@@ -118,11 +118,12 @@ def lm_loss() -> keras.losses.Loss:
 
     `NextTokenCrossentropy` where no GPU is visible (it is faster than TensorFlow's fused CPU
     kernel); on a GPU, `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`, whose
-    fused kernel reads the logits once per pass (XLA fuses either).
+    fused kernel reads the logits once per pass (XLA fuses either). The machine is
+    `kmp.hardware.detect()`'s.
     """
-    import tensorflow as tf
+    from kmp.hardware import detect
 
-    if tf.config.list_physical_devices("GPU"):
+    if detect().kind == "gpu":
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return NextTokenCrossentropy()
 
