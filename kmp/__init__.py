@@ -1,30 +1,47 @@
 """kmp: a Keras 3 mixed-precision training kit.
 
 One switch (`set_policy`), a loss-scaled optimizer that cannot collapse (`LossScaleOptimizer`),
-FP32 islands (`kmp.layers`, `harden`), and one call to prepare a model (`compile`).
+FP32 islands (`kmp.layers`, `harden`), and one call to prepare a model (`compile`), on every
+Keras backend (TensorFlow, JAX, torch).
+
+The names below are imported on first use, so `import kmp` loads neither Keras nor a backend
+until one is needed (and `kmp --backend` can still choose Keras's backend).
 """
 
-from kmp import callbacks, layers
-from kmp.callbacks import PrecisionMonitor
-from kmp.hardware import Hardware, detect
-from kmp.layers import harden
-from kmp.policy import PrecisionPlan, plan, set_policy
-from kmp.scaling import LossScaleOptimizer, NonFiniteGradientsError
-from kmp.training import compile
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Hardware",
-    "LossScaleOptimizer",
-    "NonFiniteGradientsError",
-    "PrecisionMonitor",
-    "PrecisionPlan",
-    "callbacks",
-    "compile",
-    "detect",
-    "harden",
-    "layers",
-    "plan",
-    "set_policy",
-]
+# public name -> the module that defines it ("" when the name is the module itself)
+_EXPORTS = {
+    "Hardware": "kmp.hardware",
+    "LossScaleOptimizer": "kmp.scaling",
+    "NonFiniteGradientsError": "kmp.scaling",
+    "PrecisionMonitor": "kmp.callbacks",
+    "PrecisionPlan": "kmp.policy",
+    "UserError": "kmp.errors",
+    "callbacks": "",
+    "compile": "kmp.training",
+    "detect": "kmp.hardware",
+    "diagnostics": "",
+    "harden": "kmp.layers",
+    "layers": "",
+    "plan": "kmp.policy",
+    "set_policy": "kmp.policy",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kmp' has no attribute {name!r}")
+    module = _EXPORTS[name]
+    value = (importlib.import_module(f"kmp.{name}") if not module
+             else getattr(importlib.import_module(module), name))
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

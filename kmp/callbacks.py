@@ -1,24 +1,29 @@
-"""Callbacks: PrecisionMonitor (loss scale, skips, overflowing variables) and Throughput."""
+"""Callbacks: PrecisionMonitor (loss scale, skips, overflowing variables), Throughput, and
+TensorBoard scalars on every backend."""
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import keras
-import tensorflow as tf
 from keras import ops
 
-from kmp.scaling import STATE_VARIABLES, LossScaleOptimizer
+from kmp import backends
+from kmp.scaling import LossScaleOptimizer
 
 LOG_KEYS = ("loss_scale", "skipped_steps", "consecutive_skips", "grad_norm")
 
 
 class ScalerMetrics(keras.metrics.Metric):
-    """Reads a kmp.LossScaleOptimizer's state into the train step's logs (no extra host sync).
+    """Carries a kmp.LossScaleOptimizer's state into the train step's logs (no extra host sync).
 
     `kmp.compile` attaches one to the model, so fit's logs, History and TensorBoard carry
-    `loss_scale`, `skipped_steps`, `consecutive_skips` and `grad_norm`.
+    `loss_scale`, `skipped_steps`, `consecutive_skips` and `grad_norm`, current after every
+    step on every backend. It copies the state the optimizer left from the step into its own
+    variables (on JAX, fit holds the optimizer's variables outside the model until it syncs);
+    an evaluation step shows the last training step's state. `reset_state` keeps it.
 
     Args:
         optimizer: kmp.LossScaleOptimizer. The optimizer to read.
@@ -28,6 +33,8 @@ class ScalerMetrics(keras.metrics.Metric):
     def __init__(self, optimizer, name="kmp_scaler", **kwargs):
         super().__init__(name=name, **kwargs)
         self._opt = optimizer
+        self._state = {k: self.add_variable((), "zeros", "float32", "only_first_replica", k)
+                       for k in LOG_KEYS}
 
     def update_state(self, *args, **kwargs):
         pass
@@ -36,10 +43,97 @@ class ScalerMetrics(keras.metrics.Metric):
         pass
 
     def result(self):
-        o = self._opt
-        if not o.built:
-            return {}
-        return {k: ops.cast(getattr(o, STATE_VARIABLES[k]), "float32") for k in LOG_KEYS}
+        step = self._opt.__dict__.pop("_step_state", None)
+        if step is not None:
+            for key, variable in self._state.items():
+                variable.assign(ops.cast(step[key], "float32"))
+        # Copies: JAX's fit donates the variables' buffers to the next step.
+        return {key: ops.copy(variable.value) for key, variable in self._state.items()}
+
+
+class SummaryWriter:
+    """TensorBoard event files from the `tensorboard` package (no TensorFlow needed).
+
+    Args:
+        log_dir: str or Path. Directory of the event file (created if missing).
+
+    Example:
+    >>> import tempfile
+    >>> w = SummaryWriter(tempfile.mkdtemp())
+    >>> w.scalar("kmp/loss_scale", 32768.0, step=1)
+    >>> w.close()
+    """
+
+    def __init__(self, log_dir):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(str(log_dir))
+
+    def _add(self, summary, step):
+        from tensorboard.compat.proto import event_pb2
+
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                               summary=summary))
+
+    def scalar(self, tag: str, value: float, step: int):
+        """Writes one scalar."""
+        from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+
+        self._add(scalar_pb(tag, float(value)), step)
+
+    def text(self, tag: str, value: str, step: int):
+        """Writes one text entry."""
+        from tensorboard.plugins.text.summary_v2 import text_pb
+
+        self._add(text_pb(tag, value), step)
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class TensorBoardScalars(keras.callbacks.Callback):
+    """Writes fit's logs (loss, metrics, loss scale, ...) as TensorBoard scalars on any backend.
+
+    Keras's own `keras.callbacks.TensorBoard` needs TensorFlow; this writes the same scalar
+    layout (`train/` every `update_freq` batches as `batch_<name>`, and `train/` and
+    `validation/` as `epoch_<name>` per epoch) through `SummaryWriter`.
+
+    Args:
+        log_dir: str or Path. Root directory of the event files.
+        update_freq: int. Batches between batch-level scalars. Defaults to 10.
+    """
+
+    def __init__(self, log_dir, update_freq=10):
+        super().__init__()
+        self.log_dir, self.update_freq = Path(log_dir), update_freq
+        self._writers, self._batches = {}, 0
+
+    def _writer(self, name):
+        if name not in self._writers:
+            self._writers[name] = SummaryWriter(self.log_dir / name)
+        return self._writers[name]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if logs and self._batches % self.update_freq == 0:
+            for key, value in logs.items():
+                self._writer("train").scalar(f"batch_{key}", value, self._batches)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            split, key = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+            self._writer(split).scalar(f"epoch_{key}", value, epoch)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
 
 
 class PrecisionMonitor(keras.callbacks.Callback):
@@ -81,7 +175,7 @@ class PrecisionMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.log_dir:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
+            self._writer = SummaryWriter(self.log_dir)
         scaler = self._scaler
         self._skipped = scaler.state()["skipped_steps"] if scaler is not None else 0
 
@@ -103,30 +197,32 @@ class PrecisionMonitor(keras.callbacks.Callback):
         if "skipped_steps" in logs:
             state = {k: float(logs[k]) for k in LOG_KEYS}
         elif self._step % self.every == 0:
+            backends.sync_state(self.model)
             state = scaler.state()
         else:
             return
         if state["skipped_steps"] > self._skipped:
             self._skipped = state["skipped_steps"]
+            backends.sync_state(self.model)  # the overflow record lives in the optimizer
             names = scaler.overflow_variables
             self.events.append((self._step, names))
             if self.verbose:
                 print(f"kmp: step {self._step} skipped (loss scale now {state['loss_scale']:g}); "
                       f"non-finite gradients in: {', '.join(names)}")
             if self._writer is not None:
-                with self._writer.as_default():
-                    tf.summary.text("kmp/overflow_variables", ", ".join(names), step=self._step)
+                self._writer.text("kmp/overflow_variables", ", ".join(names), self._step)
         budget = scaler.max_consecutive_skips
         if budget is not None and state["consecutive_skips"] >= budget:
+            backends.sync_state(self.model)
             scaler.check_skip_budget()
         if self._writer is not None and self._step % self.every == 0:
-            with self._writer.as_default():
-                for key in ("loss_scale", "skipped_steps", "grad_norm"):
-                    tf.summary.scalar(f"kmp/{key}", state[key], step=self._step)
+            for key in ("loss_scale", "skipped_steps", "grad_norm"):
+                self._writer.scalar(f"kmp/{key}", state[key], self._step)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
-            self._writer.flush()
+            self._writer.close()
+            self._writer = None
 
 
 class Throughput(keras.callbacks.Callback):

@@ -17,6 +17,11 @@ from pathlib import Path
 
 import keras
 
+from kmp import __version__, backends
+from kmp.errors import UserError
+from kmp.hardware import detect
+from kmp.scaling import LossScaleOptimizer
+
 LATEST = "latest.json"
 
 
@@ -46,7 +51,11 @@ class Checkpoint(keras.callbacks.Callback):
         directory: str or Path. Where checkpoints go (created if missing).
         extra_state: callable or None. Returns a JSON-serializable dict stored in latest.json
             (e.g. the loss history). Defaults to None.
-        keep: int. Checkpoints kept on disk, newest first. Defaults to 2.
+        keep: int. Checkpoints kept on disk, newest first; at least 1 (the one `--resume`
+            reads). Defaults to 2.
+
+    Raises:
+        UserError: if `keep` is not an int >= 1.
 
     Example:
     >>> import tempfile
@@ -57,6 +66,9 @@ class Checkpoint(keras.callbacks.Callback):
 
     def __init__(self, directory, extra_state=None, keep=2):
         super().__init__()
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+            raise UserError(f"Checkpoint: keep must be an int >= 1 (the newest checkpoint is "
+                            f"always kept). Received: keep={keep!r}")
         self.directory = Path(directory)
         self.extra_state, self.keep = extra_state, keep
 
@@ -66,6 +78,7 @@ class Checkpoint(keras.callbacks.Callback):
     def save(self, epoch: int):
         """Writes the checkpoint for the state after `epoch` epochs; returns its record."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        backends.sync_state(self.model)
         step = int(self.model.optimizer.iterations.numpy())
         name = f"step-{step:07d}.weights.h5"
         tmp = self.directory / f"tmp-{name}"
@@ -94,17 +107,11 @@ def _sha256(path: Path) -> str:
 
 def precision_record(model) -> dict:
     """What a checkpoint depends on: policy, loss scaling, scaler state, versions, device."""
-    import tensorflow as tf
-
-    import kmp
-    from kmp.hardware import detect
-
     optimizer = model.optimizer
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    state = optimizer.state() if isinstance(optimizer, kmp.LossScaleOptimizer) else None
+    state = optimizer.state() if isinstance(optimizer, LossScaleOptimizer) else None
     return {"policy": model.dtype_policy.name, "loss_scaling": scaled, "scaler": state,
-            "versions": {"kmp": kmp.__version__, "keras": keras.__version__,
-                         "tensorflow": tf.__version__},
+            "versions": {"kmp": __version__, **backends.versions()},
             "device": detect().describe()}
 
 
@@ -112,7 +119,7 @@ def latest(directory) -> dict | None:
     """The record of the newest complete checkpoint in `directory`, or None if there is none.
 
     Raises:
-        ValueError: when `latest.json` is not a kmp checkpoint record.
+        UserError: when `latest.json` is not a kmp checkpoint record.
     """
     path = Path(directory) / LATEST
     if not path.exists():
@@ -122,8 +129,9 @@ def latest(directory) -> dict | None:
         if not isinstance(record, dict) or not {"weights", "epoch", "step"} <= set(record):
             raise ValueError
     except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"{path} is not a kmp checkpoint record (damaged or from another "
-                         "tool). Point --out at a kmp pretrain run, or drop --resume.") from None
+        raise UserError(f"{path} is not a kmp checkpoint record (damaged, or from another "
+                        "tool). Resume from a kmp pretrain run's directory, or start a new run.",
+                        field="resume") from None
     return record
 
 
@@ -152,23 +160,22 @@ def verify(directory) -> dict:
     """The newest checkpoint's record, after checking its weights file's size and SHA-256.
 
     Raises:
-        FileNotFoundError: when `directory` holds no checkpoint.
-        ValueError: when the record or the weights file is damaged.
+        UserError: when `directory` holds no checkpoint, or the record or the weights file is
+            damaged.
     """
     record = latest(directory)
     if record is None:
-        raise FileNotFoundError(
-            f"No checkpoint to resume from in {directory} (no {LATEST}). Drop --resume to start "
-            "a new run."
-        )
+        raise UserError(
+            f"No checkpoint to resume from in {directory} (no {LATEST}). Start a new run instead "
+            "of resuming.", field="resume")
     path = Path(directory) / record["weights"]
     size = path.stat().st_size if path.exists() else None
     if size is None or size != record.get("bytes", size) or (
             "sha256" in record and _sha256(path) != record["sha256"]):
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} is missing or damaged ({size} bytes, expected "
             f"{record.get('bytes')}, or a checksum mismatch). Restore it from a backup, or "
-            "start a new run without --resume.")
+            "start a new run instead of resuming.", field="resume")
     return record
 
 
@@ -184,8 +191,8 @@ def restore(model, directory, record: dict | None = None) -> dict:
         The checkpoint's record (weights, epoch, step, precision, extra).
 
     Raises:
-        FileNotFoundError: when `directory` holds no checkpoint.
-        ValueError: when the checkpoint is damaged or does not fit the model.
+        UserError: when `directory` holds no checkpoint, or the checkpoint is damaged or
+            does not fit the model.
     """
     record = verify(directory) if record is None else record
     path = Path(directory) / record["weights"]
@@ -194,8 +201,6 @@ def restore(model, directory, record: dict | None = None) -> dict:
     scaled_now = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     scaled_then = (record.get("precision") or {}).get("loss_scaling", scaled_now)
     if scaled_then and not scaled_now:  # load through a scaler of the checkpoint's layout
-        from kmp.scaling import LossScaleOptimizer
-
         model.optimizer = LossScaleOptimizer(optimizer)
         model.optimizer.build(model.trainable_variables)
     elif scaled_now and not scaled_then:
@@ -203,8 +208,10 @@ def restore(model, directory, record: dict | None = None) -> dict:
     try:
         model.load_weights(path)
     except (ValueError, OSError) as e:
-        raise ValueError(f"checkpoint {path} does not fit this model ({str(e)[:120]}). Resume "
-                         "with the run's own config, or start a new run.") from None
+        # Keras raises ValueError for a variable count or shape that does not match, and h5py
+        # OSError for a file that is not HDF5: both are what a checkpoint of another run gives.
+        raise UserError(f"checkpoint {path} does not fit this model ({str(e)[:120]}). Resume "
+                        "with the run's own config, or start a new run.", field="resume") from e
     finally:
         model.optimizer = optimizer
     return record

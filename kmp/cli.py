@@ -1,23 +1,87 @@
-"""The `kmp` command."""
+"""The `kmp` command.
+
+Nothing here imports Keras at module level: `--backend` must set KERAS_BACKEND before Keras
+loads. User errors (`kmp.errors.UserError`) print one line and exit 2; anything else is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
+
+from kmp.errors import UserError
+
+BACKENDS = ("tensorflow", "jax", "torch")
+# Config fields a command does not use, so its --help does not offer them.
+_RUN_ONLY = ("jit", "strategy", "prompt", "samples", "resume", "val_every", "val_batches")
+_NOT_USED = {
+    "bench": {"precision", "steps", "warmup_steps", *_RUN_ONLY},
+    "memory": {"precision", "steps", "warmup_steps", "learning_rate", "weight_decay",
+               "grad_clip", "dropout", "out", *_RUN_ONLY},
+    "diagnose": {"steps", "warmup_steps", "grad_accum", *_RUN_ONLY},
+}
+
+
+def _set_backend(argv: list[str]) -> list[str]:
+    """Takes `--backend NAME` (anywhere in argv) and sets KERAS_BACKEND before Keras loads."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--backend", choices=BACKENDS)
+    known, rest = parser.parse_known_args(argv)
+    if known.backend:
+        if "keras" in sys.modules and sys.modules["keras"].backend.backend() != known.backend:
+            raise RuntimeError(f"Keras is already loaded with another backend; --backend "
+                               f"{known.backend} must be given before Keras is imported.")
+        os.environ["KERAS_BACKEND"] = known.backend
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    return rest
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Hides what native libraries write to stderr while loading (TensorFlow's start-up lines,
+    which come before its log level is read); shows it again if the import fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _load_quietly(command: str):
+    """Imports the backend (and keras-hub, which imports TensorFlow whenever it is installed)
+    before any output, so kmp's own lines come first and TensorFlow's start-up noise is gone."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # also hides the CPU-only cuInit error
+    with _quiet_stderr():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow  # noqa: F401
+        if command not in ("doctor",):
+            import keras_hub  # noqa: F401
 
 
 def _doctor(args) -> int:
+    from kmp import backends
     from kmp.hardware import detect
     from kmp.policy import POLICIES, plan
 
     hw = detect()
     print(f"kmp doctor\n  hardware: {hw.describe()}")
-    import keras
-    import tensorflow as tf
-
-    print(f"  versions: keras {keras.__version__}, tensorflow {tf.__version__}, "
-          f"backend {keras.backend.backend()}")
+    versions = ", ".join(f"{k} {v}" for k, v in backends.versions().items())
+    print(f"  versions: {versions}; backend {backends.name()}")
     print("  plans:")
     for name in POLICIES:
         p = plan(name, hw)
@@ -40,14 +104,14 @@ def _pretrain(args, rest) -> int:
 def _bench(args, rest) -> int:
     from pathlib import Path
 
-    from kmp import bench
+    from kmp.gpt import bench
     from kmp.gpt.config import add_arguments, from_args
 
     parser = argparse.ArgumentParser(
         prog="kmp bench", description="Train a GPT preset under each precision and XLA "
         "setting, interleaved in one process; print a table and write bench.json/bench.md "
         "to --out.")
-    add_arguments(parser)
+    add_arguments(parser, exclude=_NOT_USED["bench"])
     parser.add_argument("--policies", default="float32,mixed_float16,mixed_bfloat16,auto",
                         help="comma-separated; auto adds the plan's pick")
     parser.add_argument("--xla", default="on,off", help="comma-separated XLA settings: on,off")
@@ -61,12 +125,12 @@ def _bench(args, rest) -> int:
     xla = []
     for word in opts.xla.split(","):
         if word not in ("on", "off"):
-            raise ValueError(f"Unknown --xla setting {word!r}. Use on, off or on,off.")
+            raise UserError(f"Unknown --xla setting {word!r}. Use on, off or on,off.")
         xla.append(word == "on")
     for name, value in (("chunk", opts.chunk), ("repeats", opts.repeats),
                         ("warmup", opts.warmup)):
         if value < 1:
-            raise ValueError(f"--{name} must be a positive integer. Received: {value}")
+            raise UserError(f"--{name} must be a positive integer. Received: {value}")
     if opts.overhead:
         runs = bench.overhead(config, opts.overhead, opts.chunk, opts.repeats, opts.warmup)
         name, baseline = "overhead", "plain Keras"
@@ -80,6 +144,9 @@ def _bench(args, rest) -> int:
     title = (f"{config.preset}: batch {config.batch_size} x {config.seq_len} tokens, "
              f"{opts.repeats} x {opts.chunk} timed steps per run, on {hw}")
     table = bench.to_markdown(runs, title, baseline)
+    problems = bench.check_losses(runs)
+    table += "".join(f"\n\nwarning: {p}" for p in problems) or (
+        "\n\nEvery run's loss fell, and the final losses agree with float32's within 2%.")
     print("\n" + table)
     out = Path(config.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -90,13 +157,13 @@ def _bench(args, rest) -> int:
 
 
 def _memory(args, rest) -> int:
-    from kmp.diagnostics import memory_table
     from kmp.gpt.config import add_arguments, from_args
+    from kmp.gpt.memory import memory_table
 
     parser = argparse.ArgumentParser(
         prog="kmp memory", description="Estimate training memory of a GPT preset by policy "
         "(Korthikanti et al. 2022 activations, 16 bytes/param model states).")
-    add_arguments(parser)
+    add_arguments(parser, exclude=_NOT_USED["memory"])
     parser.add_argument("--measure", action="store_true", help="also train a few steps under "
                         "each policy (XLA on) and print the GPU's measured peak beside the "
                         "estimate (needs a GPU)")
@@ -104,14 +171,13 @@ def _memory(args, rest) -> int:
     config = from_args(opts)
     measured = None
     if opts.measure:
-        import tensorflow as tf
-
-        from kmp import bench
+        from kmp import backends
+        from kmp.gpt import bench
         from kmp.policy import POLICIES
 
-        if not tf.config.list_physical_devices("GPU"):
-            raise ValueError("kmp memory --measure reads the GPU's peak memory and this "
-                             "machine has no GPU. Drop --measure for the estimate alone.")
+        if backends.gpu_memory() is None:
+            raise UserError("kmp memory --measure reads the GPU's peak memory and this "
+                            "machine has no GPU. Drop --measure for the estimate alone.")
         runs = bench.benchmark(config, POLICIES, xla=(True,), chunk=2, repeats=1, warmup=1)
         measured = {run.policy: run.peak_memory for run in runs}
     print(f"{config.preset}: {config.num_layers} layers x {config.hidden_dim}, vocabulary "
@@ -143,7 +209,7 @@ def _diagnose(command, rest) -> int:
         "(under --precision) or a trained one (--run), with one batch of the corpus.")
     from kmp.gpt.config import GPTConfig, add_arguments, from_args
 
-    add_arguments(parser)
+    add_arguments(parser, exclude=_NOT_USED["diagnose"])
     parser.add_argument("--run", metavar="DIR", help="a `kmp pretrain` --out directory: "
                         "diagnose its trained weights, with its config.json under the given "
                         "options (e.g. another --precision)")
@@ -159,13 +225,13 @@ def _diagnose(command, rest) -> int:
     if opts.run:
         run = Path(opts.run).expanduser()
         if not (run / "config.json").is_file() or not (run / "model.keras").is_file():
-            raise ValueError(f"--run {opts.run!r} is not a finished kmp pretrain run (no "
+            raise UserError(f"--run {opts.run!r} is not a finished kmp pretrain run (no "
                              "config.json and model.keras). Pass its --out directory.")
         given = {f.name: getattr(opts, f.name) for f in dataclasses.fields(GPTConfig)
                  if getattr(opts, f.name, None) is not None}
         saved = json.loads((run / "config.json").read_text())
         if given.get("seq_len", saved["seq_len"]) > saved["seq_len"]:
-            raise ValueError(f"--seq-len {given['seq_len']} is longer than the model's maximum "
+            raise UserError(f"--seq-len {given['seq_len']} is longer than the model's maximum "
                              f"{saved['seq_len']} (its position embedding). Use --seq-len "
                              f"{saved['seq_len']} or less.")
         config = dataclasses.replace(GPTConfig(**saved), **given)
@@ -222,8 +288,13 @@ def _diagnose(command, rest) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the `kmp` console script."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = argparse.ArgumentParser(prog="kmp", description="Keras mixed-precision kit.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="kmp", description="Keras mixed-precision kit.",
+        epilog="--backend tensorflow|jax|torch (anywhere on the line) picks the Keras backend; "
+        "default: $KERAS_BACKEND, else tensorflow.")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="the Keras backend (default: $KERAS_BACKEND, else tensorflow)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="show the hardware, the plan for each policy, and the pick")
     sub.add_parser("pretrain", add_help=False,
@@ -234,9 +305,12 @@ def main(argv=None) -> int:
                    help="estimate training memory of a GPT preset (kmp memory --help)")
     for name, text in _DIAGNOSES.items():
         sub.add_parser(name, add_help=False, help=f"{text} (kmp {name} --help)")
-    args, rest = parser.parse_known_args(argv)
+    args, _ = parser.parse_known_args(argv)
+    rest = _set_backend(argv)
+    rest = rest[rest.index(args.command) + 1:]
     if args.command == "doctor" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _load_quietly(args.command)
     try:
         if args.command in _DIAGNOSES:
             return _diagnose(args.command, rest)
@@ -244,9 +318,14 @@ def main(argv=None) -> int:
             run = {"pretrain": _pretrain, "bench": _bench, "memory": _memory}[args.command]
             return run(args, rest)
         return _doctor(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, exit 2
-        print(f"kmp: error: {e}", file=sys.stderr)
+    except UserError as e:  # the user's mistake: one line, exit 2
+        flag = f"--{e.field.replace('_', '-')}: " if e.field else ""
+        print(f"kmp: error: {flag}{e}", file=sys.stderr)
         return 2
+    except Exception:
+        print("kmp: this is a bug in kmp (or in a library it calls), not something you did "
+              "wrong; please report it with the traceback below.", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

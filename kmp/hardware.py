@@ -6,6 +6,10 @@ import dataclasses
 import functools
 import os
 import platform
+import re
+
+from kmp import backends
+from kmp.errors import UserError
 
 # CPU flags (as /proc/cpuinfo spells them) that give native bfloat16 arithmetic.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -62,33 +66,12 @@ def _cpu_info() -> tuple[str, tuple]:
     return name, tuple(f for f in CPU_BF16_FLAGS if f in flags)
 
 
-def _gpu_info():
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return None
-    details = tf.config.experimental.get_device_details(gpus[0])
-    return Hardware(
-        kind="gpu",
-        name=details.get("device_name", gpus[0].name),
-        compute_capability=details.get("compute_capability"),
-        count=len(gpus),
-    )
-
-
-def _tpu_info():
-    import tensorflow as tf
-
-    tpus = tf.config.list_logical_devices("TPU")
-    return Hardware(kind="tpu", name="TPU", count=len(tpus)) if tpus else None
-
-
 @functools.lru_cache(maxsize=1)
 def detect() -> Hardware:
     """Probes the machine once and returns what training would run on.
 
-    Order: NVIDIA GPU, then TPU, then CPU. `KMP_FAKE_HARDWARE` (e.g. "gpu:8.0", "gpu:7.0",
+    Order: NVIDIA GPU, then TPU, then CPU, as the active Keras backend sees them (TensorFlow's
+    device list, jax.devices() or torch.cuda). `KMP_FAKE_HARDWARE` (e.g. "gpu:8.0", "gpu:7.0",
     "tpu", "cpu", "cpu:bf16") overrides the probe, for tests and for planning another machine.
 
     Returns:
@@ -103,10 +86,10 @@ def detect() -> Hardware:
     if fake:
         return _fake(fake)
     cpu_name, cpu_flags = _cpu_info()
-    for probe in (_gpu_info, _tpu_info):
-        found = probe()
-        if found is not None:
-            return dataclasses.replace(found, cpu_flags=cpu_flags)
+    found = backends.accelerator()
+    if found is not None:
+        return Hardware(found["kind"], found["name"], found["compute_capability"],
+                        found["count"], cpu_flags)
     return Hardware(kind="cpu", name=cpu_name, count=os.cpu_count() or 1, cpu_flags=cpu_flags)
 
 
@@ -120,31 +103,49 @@ def _fake(spec: str) -> Hardware:
     if kind == "cpu":
         flags = ("avx512_bf16",) if arg == "bf16" else ()
         return Hardware("cpu", "fake CPU", count=2, cpu_flags=flags)
-    raise ValueError(
+    raise UserError(
         f"Unknown KMP_FAKE_HARDWARE={spec!r}. Use gpu:MAJOR.MINOR, tpu, cpu or cpu:bf16."
     )
 
 
-# Dense (no sparsity) tensor-core peaks per GPU in TFLOP/s: (16-bit, float32 via TF32 or plain
-# FP32 where there is no TF32). From NVIDIA's H100/H200, A100, L4, A10, V100 and T4 datasheets.
-# First match wins, so "H100 PCIe" precedes "H100". V100 and T4 have no bfloat16 tensor cores.
-PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0, 378.0),
-    ("H100", 989.0, 495.0),
-    ("H200", 989.0, 495.0),
-    ("A100", 312.0, 156.0),
-    ("L4", 121.0, 60.0),
-    ("A10", 125.0, 62.5),
-    ("V100", 125.0, 15.7),
-    ("T4", 65.0, 8.1),
-)
+# Dense (no sparsity) Tensor Core peaks per GPU model and form factor in TFLOP/s: (16-bit,
+# float32 via TF32, or plain FP32 where there is no TF32), from NVIDIA's datasheets (H100/H200
+# SXM, PCIe and NVL; GH200; A100; L4; L40S; A10; V100; T4). The sparse figures there are twice
+# these. V100 and T4 have no bfloat16 Tensor Cores. The A10G (AWS) has no NVIDIA datasheet, so
+# its peak is unknown rather than guessed.
+PEAK_TFLOPS = {
+    "H100": {"SXM": (989.0, 495.0), "PCIE": (756.0, 378.0), "NVL": (835.0, 418.0)},
+    "H200": {"SXM": (989.0, 495.0), "NVL": (835.0, 418.0)},
+    "GH200": {"SXM": (989.0, 495.0)},
+    "A100": {"SXM": (312.0, 156.0), "PCIE": (312.0, 156.0)},
+    "L40S": {"SXM": (362.0, 183.0)},
+    "L4": {"SXM": (121.0, 60.0)},
+    "A10": {"SXM": (125.0, 62.5)},
+    "V100": {"SXM": (125.0, 15.7), "PCIE": (112.0, 14.0)},
+    "T4": {"SXM": (65.0, 8.1)},
+}
+_NO_BF16 = ("V100", "T4")
+
+
+def gpu_model(name: str) -> tuple[str | None, str]:
+    """(model, form factor) read from a GPU's name: whole words only, so "NVIDIA L40S" is an
+    L40S and not an L4; the form factor is "PCIE", "NVL" or "SXM" (the default).
+
+    Example:
+    >>> gpu_model("NVIDIA A100-PCIE-40GB")
+    ('A100', 'PCIE')
+    """
+    words = re.split(r"[\s\-_]+", name.upper())
+    model = next((w for w in words if w in PEAK_TFLOPS), None)
+    form = next((w for w in ("PCIE", "NVL") if w in words), "SXM")
+    return model, form
 
 
 def peak_flops(hw: Hardware, compute_dtype: str) -> float | None:
     """One device's peak FLOP/s for matmuls in `compute_dtype`, or None where it is unknown.
 
     Known for the NVIDIA GPUs in `PEAK_TFLOPS` (float32 means TF32 on Ampere and newer, which
-    TensorFlow enables by default). CPUs and TPUs return None.
+    TensorFlow and JAX use for float32 matmuls by default). CPUs and TPUs return None.
 
     Example:
     >>> peak_flops(Hardware("gpu", "NVIDIA H100 80GB HBM3", (9, 0)), "bfloat16")
@@ -152,9 +153,9 @@ def peak_flops(hw: Hardware, compute_dtype: str) -> float | None:
     """
     if hw.kind != "gpu":
         return None
-    for key, half, single in PEAK_TFLOPS:
-        if key in hw.name:
-            if compute_dtype == "bfloat16" and key in ("V100", "T4"):
-                return None
-            return (single if compute_dtype == "float32" else half) * 1e12
-    return None
+    model, form = gpu_model(hw.name)
+    peaks = PEAK_TFLOPS.get(model, {})
+    half, single = peaks.get(form) or peaks.get("SXM") or (None, None)
+    if half is None or (compute_dtype == "bfloat16" and model in _NO_BF16):
+        return None
+    return (single if compute_dtype == "float32" else half) * 1e12

@@ -7,6 +7,8 @@ import warnings
 
 import keras
 
+from kmp import backends
+from kmp.errors import UserError
 from kmp.hardware import Hardware, detect
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -27,7 +29,8 @@ class PrecisionPlan:
     Args:
         policy: str. The Keras dtype policy name: float32, mixed_float16 or mixed_bfloat16.
         loss_scaling: bool. True exactly when the compute dtype is float16.
-        jit_compile: bool. The recommended `jit_compile` for `model.compile` on this device.
+        jit_compile: bool. The recommended `jit_compile` for `model.compile` on this device
+            and Keras backend.
         device: str. What was detected, in one line.
         reason: str. One sentence on why this policy and XLA setting.
         warning: str or None. Why an explicit choice is slow or unsupported here.
@@ -103,9 +106,22 @@ def _warning_for(policy: str, hw: Hardware) -> str | None:
     return None
 
 
+def _on_backend(jit: bool, reason: str) -> tuple[bool, str]:
+    """The XLA setting for the active Keras backend: the hardware's choice on TensorFlow;
+    always on under JAX (without jit, Keras's JAX trainer dispatches op by op); off under
+    torch, Keras's default there (jit_compile=True means torch.compile)."""
+    backend = backends.name()
+    if backend == "jax" and not jit:
+        return True, reason + " XLA stays on under JAX: without it each op runs on its own."
+    if backend == "torch" and jit:
+        return False, reason + " torch runs eagerly, as Keras's default there."
+    return jit, reason
+
+
 def _check_name(name: str) -> str:
     if name not in CHOICES:
-        raise ValueError(f"Unknown precision {name!r}. Use one of: {', '.join(CHOICES)}.")
+        raise UserError(f"Unknown precision {name!r}. Use one of: {', '.join(CHOICES)}.",
+                        field="precision")
     return name
 
 
@@ -120,7 +136,7 @@ def plan(name: str = "auto", hardware: Hardware | None = None) -> PrecisionPlan:
         A `PrecisionPlan`.
 
     Raises:
-        ValueError: if `name` is not one of the choices.
+        UserError: if `name` is not one of the choices.
 
     Example:
     >>> plan("float32").loss_scaling
@@ -130,11 +146,12 @@ def plan(name: str = "auto", hardware: Hardware | None = None) -> PrecisionPlan:
     hw = hardware or detect()
     best, best_jit, why = recommend(hw)
     if name == "auto" or name == best:
-        return PrecisionPlan(best, best == "mixed_float16", best_jit, hw.describe(), why)
+        jit, why = _on_backend(best_jit, why)
+        return PrecisionPlan(best, best == "mixed_float16", jit, hw.describe(), why)
     warning = _warning_for(name, hw)
     # XLA: on accelerators always; on CPU it helps float32 and float16 but hurts bfloat16.
-    jit = hw.kind != "cpu" or name != "mixed_bfloat16"
-    reason = f"explicitly requested; auto would pick {best}."
+    jit, reason = _on_backend(hw.kind != "cpu" or name != "mixed_bfloat16",
+                              f"explicitly requested; auto would pick {best}.")
     return PrecisionPlan(name, name == "mixed_float16", jit, hw.describe(), reason, warning)
 
 
@@ -154,7 +171,7 @@ def set_policy(name: str = "auto", hardware: Hardware | None = None) -> Precisio
         The `PrecisionPlan` that was applied.
 
     Raises:
-        ValueError: if `name` is unknown.
+        UserError: if `name` is unknown.
 
     Example:
     >>> p = set_policy("float32")

@@ -7,7 +7,10 @@ import math
 import keras
 import numpy as np
 from keras import ops
-from keras.src.utils import tracking
+
+from kmp import backends
+from kmp._keras import no_automatic_dependency_tracking
+from kmp.errors import UserError
 
 # The scaler state as `state()` and fit's logs name it -> the optimizer variable holding it.
 STATE_VARIABLES = {
@@ -26,15 +29,7 @@ class NonFiniteGradientsError(RuntimeError):
 
 def _check(name, value, ok, need):
     if not ok:
-        raise ValueError(f"LossScaleOptimizer: {name} must be {need}. Received: {name}={value!r}")
-
-
-def _in_compiled_function():
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    return tf.inside_function()
+        raise UserError(f"LossScaleOptimizer: {name} must be {need}. Received: {name}={value!r}")
 
 
 def _is_int(x):
@@ -46,8 +41,11 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """Dynamic loss scaling that cannot collapse, with hysteresis and overflow attribution.
 
     A subclass of `keras.optimizers.LossScaleOptimizer`, so `model.compile` does not wrap it
-    again. Each step it checks the gradients for inf/NaN (across all replicas, before any
-    update); a step with a non-finite gradient is skipped: no weight, slot or iteration changes.
+    again, and a drop-in for it: Keras's `dynamic_growth_steps` is accepted as the same thing
+    as `growth_interval`. It runs on every Keras backend: `apply` on TensorFlow and torch,
+    `stateless_apply` (the same rule, as a pure function) in JAX's `fit`. Each step it checks
+    the gradients for inf/NaN (across all replicas, before any update); a step with a
+    non-finite gradient is skipped: no weight, slot or iteration changes.
 
     Update rule (with `hysteresis=1` the same scale sequence as `torch.amp.GradScaler`):
     after `growth_interval` consecutive finite steps the scale is multiplied by `growth_factor`;
@@ -67,6 +65,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             clipping, weight decay and gradient accumulation see unscaled gradients.
         initial_scale: float. Starting loss scale. Defaults to 2**15.
         growth_interval: int. Consecutive finite steps before the scale grows. Defaults to 2000.
+            Keras's name for it, `dynamic_growth_steps`, is accepted too.
         growth_factor: float. Multiplier on growth, > 1. Defaults to 2.0.
         backoff_factor: float. Multiplier on overflow, in (0, 1). Defaults to 0.5.
         hysteresis: int. Overflows tolerated before backing off (DeepSpeed's `delayed_shift`).
@@ -100,14 +99,21 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         name=None,
         **kwargs,
     ):
-        kwargs.pop("dynamic_growth_steps", None)  # configs saved by keras' own class
+        if "dynamic_growth_steps" in kwargs:  # Keras's own name for growth_interval
+            steps = kwargs.pop("dynamic_growth_steps")
+            if growth_interval not in (2000, steps):
+                raise UserError(
+                    "LossScaleOptimizer: growth_interval and dynamic_growth_steps are the same "
+                    f"setting and were given different values. Received: growth_interval="
+                    f"{growth_interval!r}, dynamic_growth_steps={steps!r}. Pass one of them.")
+            growth_interval = steps
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
-            raise ValueError(
+            raise UserError(
                 "LossScaleOptimizer: inner_optimizer must be a keras.optimizers.Optimizer. "
                 f"Received: {inner_optimizer!r}"
             )
         if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError(
+            raise UserError(
                 "LossScaleOptimizer: inner_optimizer is already a LossScaleOptimizer; pass its "
                 f"inner_optimizer instead. Received: {inner_optimizer!r}"
             )
@@ -146,7 +152,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.max_scale = float(max_scale)
         self.max_consecutive_skips = max_consecutive_skips
 
-    @tracking.no_automatic_dependency_tracking
+    @no_automatic_dependency_tracking
     def build(self, var_list):
         # "only_first_replica": every replica computes the same value from all-reduced flags,
         # and such variables may be assigned in replica context as well as cross-replica.
@@ -170,12 +176,43 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         keras.optimizers.Optimizer.build(self, var_list)
 
     # ----------------------------------------------------------------- the step
+    # Both paths leave the state after the step in `_step_state` (tensors of the step being
+    # run), which kmp.callbacks.ScalerMetrics moves into fit's logs in the same step: on JAX the
+    # variables themselves are current only after fit syncs its state.
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        # keras' inherited version would run its own unbounded rule: refuse instead.
-        raise NotImplementedError(
-            "kmp.LossScaleOptimizer implements the stateful apply() used by the TensorFlow and "
-            "torch backends; the JAX backend's stateless_apply is not supported yet."
-        )
+        """`apply` as a pure function of the values (Keras's JAX trainer calls this): returns
+        (new trainable values, new optimizer values); a skipped step returns the weights and
+        the inner optimizer's values unchanged."""
+        if not self.built:
+            raise ValueError("kmp.LossScaleOptimizer.stateless_apply needs a built optimizer: "
+                             "call optimizer.build(trainable_variables) first.")
+        weights, state, self._step_state = self._stateless_step(optimizer_variables, grads,
+                                                                trainable_variables)
+        return weights, state
+
+    def _stateless_step(self, optimizer_variables, grads, trainable_variables):
+        """stateless_apply's work, a pure function: (weights, optimizer values, step state)."""
+        own = len(self._variables)
+        own_values, inner_values = list(optimizer_variables[:own]), optimizer_variables[own:]
+        grads, trainable_variables = list(grads), list(trainable_variables)
+        with keras.StatelessScope(state_mapping=list(zip(self._variables, own_values))) as scope:
+            flags = self._nonfinite_flags(grads, self._trainable_variables)
+            finite = ops.equal(ops.sum(flags), 0)
+            unscaled = self._unscaled(grads, self._trainable_variables)
+
+            def step():
+                return self.inner_optimizer.stateless_apply(inner_values, unscaled,
+                                                            trainable_variables)
+
+            new_weights, new_inner = ops.cond(
+                finite, step, lambda: (trainable_variables, list(inner_values)))
+            self._update_state(finite, flags, self._local_grad_norm(grads))
+            new_own = [scope.get_current_value(v) for v in self._variables]
+        new_own = [old if new is None else new for new, old in zip(new_own, own_values)]
+        index = {id(v): i for i, v in enumerate(self._variables)}
+        step_state = {key: new_own[index[id(getattr(self, name))]]
+                      for key, name in STATE_VARIABLES.items()}
+        return list(new_weights), new_own + list(new_inner), step_state
 
     def apply(self, grads, trainable_variables=None):
         if not self.built:
@@ -187,13 +224,30 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         flags = self._nonfinite_flags(grads, tvs or self._trainable_variables)
         if keras.backend.backend() == "tensorflow":
             self._tf_apply_kmp(flags, grads, tvs)
+        elif keras.backend.backend() == "jax":  # JAX arrays are immutable: one pure step
+            self._assign_stateless(grads, tvs or self._trainable_variables)
         else:
             self._apply_and_update(flags, self._local_grad_norm(grads), grads, tvs)
+        self._step_state = {key: getattr(self, name).value
+                            for key, name in STATE_VARIABLES.items()}
         # Eagerly, enforce the budget here. Inside a compiled step a host check would cost a sync
         # per step (and XLA has no string ops): `kmp.callbacks.PrecisionMonitor` enforces it
         # from fit's logs instead.
-        if not _in_compiled_function():
+        if not backends.in_compiled_function(flags):
             self.check_skip_budget()
+
+    def _assign_stateless(self, grads, tvs):
+        """A stateful step on JAX: the pure step, compiled once, then assigned."""
+        order = {id(v): i for i, v in enumerate(tvs)}
+        ordered = [grads[order[id(v)]] if id(v) in order else None
+                   for v in self._trainable_variables]
+        if "_compiled_step" not in self.__dict__:
+            self.__dict__["_compiled_step"] = backends.jit(self._stateless_step)
+        weights, state, self._step_state = self._compiled_step(
+            [v.value for v in self.variables], ordered,
+            [v.value for v in self._trainable_variables])
+        for v, value in zip(self._trainable_variables + self.variables, weights + state):
+            v.assign(value)
 
     def _nonfinite_flags(self, grads, tvs):
         """int32 vector over the built variables: 1 where that gradient has an inf or NaN."""
@@ -209,13 +263,15 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         total = ops.sum(ops.stack(sq)) if sq else ops.zeros((), "float32")
         return ops.sqrt(total) / ops.cast(self.dynamic_scale, "float32")
 
-    def _apply_finite(self, grads, tvs):
-        scale = self.dynamic_scale
-        variables = tvs or self._trainable_variables
-        unscaled = [
+    def _unscaled(self, grads, variables):
+        scale = self.dynamic_scale.value
+        return [
             g if g is None or self._overwrite_variable_with_gradient(v) else ops.divide(g, scale)
             for g, v in zip(grads, variables)
         ]
+
+    def _apply_finite(self, grads, tvs):
+        unscaled = self._unscaled(grads, tvs or self._trainable_variables)
         self.inner_optimizer.apply(unscaled, trainable_variables=tvs)
 
     def _apply_and_update(self, flags, grad_norm, grads, tvs):
@@ -227,11 +283,11 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def _update_state(self, finite, flags, grad_norm):
         """Scale, growth tracker, hysteresis and counters after one step (branch-free)."""
         skipped = ops.logical_not(finite)
-        tracker = self.step_counter + 1
+        tracker = self.step_counter.value + 1
         grow = ops.logical_and(finite, ops.greater_equal(tracker, self.growth_interval))
-        hyst = self.hysteresis_left
+        hyst = self.hysteresis_left.value
         back = ops.logical_and(skipped, ops.less_equal(hyst, 1))
-        scale = self.dynamic_scale
+        scale = self.dynamic_scale.value
         new_scale = ops.where(grow, scale * self.growth_factor,
                               ops.where(back, scale * self.backoff_factor, scale))
         self.dynamic_scale.assign(ops.clip(new_scale, self.min_scale, self.max_scale))
@@ -242,16 +298,17 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         )
         as_int = ops.cast(skipped, self.skipped_steps.dtype)
         self.skipped_steps.assign_add(as_int)
-        self.consecutive_skips.assign((self.consecutive_skips + as_int) * as_int)
-        self.nonfinite_counts.assign(ops.where(skipped, flags, self.nonfinite_counts))
-        self.grad_norm.assign(ops.where(finite, grad_norm, self.grad_norm))
+        self.consecutive_skips.assign((self.consecutive_skips.value + as_int) * as_int)
+        self.nonfinite_counts.assign(ops.where(skipped, flags, self.nonfinite_counts.value))
+        self.grad_norm.assign(ops.where(finite, grad_norm, self.grad_norm.value))
 
     def _tf_apply_kmp(self, flags, grads, tvs):
         import tensorflow as tf
 
         ctx = tf.distribute.get_replica_context()
         if ctx is None:
-            raise ValueError("apply() must be called in a replica context.")
+            raise RuntimeError("kmp.LossScaleOptimizer.apply() must be called in a replica "
+                               "context (inside strategy.run), as Keras's own apply.")
         # The one fix that matters across replicas: decide on the all-reduced flags, so every
         # replica skips when any replica saw an inf/NaN (Keras decides on replica 0's flags).
         if ctx.num_replicas_in_sync > 1:

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import keras
 
+from kmp._keras import flatten_layers, tracking_unlocked
 from kmp.callbacks import ScalerMetrics
+from kmp.errors import UserError
 from kmp.layers import harden
-from kmp.layers.harden import tracking_unlocked
 from kmp.policy import POLICIES
 from kmp.policy import plan as make_plan
 from kmp.scaling import LossScaleOptimizer
 
 
 def _computes_in_float16(model) -> bool:
-    layers = [model] + list(model._flatten_layers(include_self=False, recursive=True))
-    return any(layer.compute_dtype == "float16" for layer in layers)
+    return any(layer.compute_dtype == "float16" for layer in flatten_layers(model, True))
+
+
+def _scaler(optimizer, loss_scale: dict | None) -> LossScaleOptimizer:
+    """kmp's LossScaleOptimizer around `optimizer`; a Keras LossScaleOptimizer's initial scale
+    and growth steps carry over (`loss_scale` overrides them)."""
+    settings, given = {}, dict(loss_scale or {})
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        settings = {"initial_scale": optimizer.initial_scale,
+                    "growth_interval": optimizer.dynamic_growth_steps}
+        optimizer = optimizer.inner_optimizer
+    if "dynamic_growth_steps" in given and "growth_interval" not in given:
+        given["growth_interval"] = given.pop("dynamic_growth_steps")
+    return LossScaleOptimizer(optimizer, **{**settings, **given})
 
 
 def compile(  # noqa: A001 - mirrors keras.Model.compile on purpose
@@ -33,7 +46,8 @@ def compile(  # noqa: A001 - mirrors keras.Model.compile on purpose
 
     Wraps the optimizer in `kmp.LossScaleOptimizer` exactly when some layer computes in
     float16 (a mixed_float16 or float16 policy, or a DTypePolicyMap that has one: keras'
-    own compile wraps only for a global mixed_float16), picks `jit_compile` from the plan for the
+    own compile wraps only for a global mixed_float16; a Keras LossScaleOptimizer given here
+    keeps its initial scale and growth steps), picks `jit_compile` from the plan for the
     model's policy, puts FP32 islands in (`kmp.harden`), and adds the loss scale, skipped steps,
     consecutive skips and gradient norm to fit's logs. Pass `kmp.callbacks.PrecisionMonitor()`
     to fit to record overflow events and enforce the skip budget.
@@ -65,11 +79,9 @@ def compile(  # noqa: A001 - mirrors keras.Model.compile on purpose
         harden(model, float32_residual=float32_residual)
     needs_scaling = _computes_in_float16(model)
     if needs_scaling and not isinstance(optimizer, LossScaleOptimizer):
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            optimizer = optimizer.inner_optimizer
-        optimizer = LossScaleOptimizer(optimizer, **(loss_scale or {}))
+        optimizer = _scaler(optimizer, loss_scale)
     elif loss_scale and not needs_scaling:
-        raise ValueError(
+        raise UserError(
             f"kmp.compile: loss_scale={loss_scale!r} was given but no layer computes in float16, "
             "so there is no loss scaling to configure. Drop loss_scale or use mixed_float16."
         )

@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
 import kmp
-from kmp.callbacks import PrecisionMonitor, Throughput
+from kmp import backends
+from kmp.callbacks import PrecisionMonitor, TensorBoardScalars, Throughput
 from kmp.checkpoint import Checkpoint, precision_change, restore, verify, write_json_atomic
+from kmp.errors import UserError
 from kmp.gpt import data, report
 from kmp.gpt.config import GPTConfig, add_arguments, from_args
 from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
@@ -45,21 +46,21 @@ def prepare_out(config: GPTConfig) -> tuple[Path, dict | None]:
         (out / ".write-test").write_text("")
         (out / ".write-test").unlink()
     except OSError as e:
-        raise ValueError(f"--out {config.out!r} is not writable ({e.strerror}). "
+        raise UserError(f"--out {config.out!r} is not writable ({e.strerror}). "
                          "Pick another directory.") from None
     saved = out / "config.json"
     if config.resume and not saved.exists():
-        raise ValueError(f"--resume: {out} is not a kmp pretrain run (no config.json). Point "
+        raise UserError(f"--resume: {out} is not a kmp pretrain run (no config.json). Point "
                          "--out at a run's directory, or drop --resume.")
     if config.resume:
         try:
             old = json.loads(saved.read_text())
         except (ValueError, UnicodeDecodeError):
-            raise ValueError(f"--resume: {saved} is not a kmp config (damaged?). Point --out "
+            raise UserError(f"--resume: {saved} is not a kmp config (damaged?). Point --out "
                              "at a kmp pretrain run, or drop --resume.") from None
         record = verify(out / "checkpoints")  # before anything in the run is rewritten
         if config.seq_len > old.get("seq_len", config.seq_len):
-            raise ValueError(f"--seq-len {config.seq_len} is longer than the model's maximum "
+            raise UserError(f"--seq-len {config.seq_len} is longer than the model's maximum "
                              f"{old['seq_len']} (its position embedding). Resume with "
                              f"--seq-len {old['seq_len']}.")
         shape = ("vocab_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
@@ -67,7 +68,7 @@ def prepare_out(config: GPTConfig) -> tuple[Path, dict | None]:
         changed = [f"{k} {old.get(k)} -> {getattr(config, k)}" for k in shape
                    if old.get(k) != getattr(config, k)]
         if changed:
-            raise ValueError(f"--resume: the run in {out} has another model shape "
+            raise UserError(f"--resume: the run in {out} has another model shape "
                              f"({', '.join(changed)}). Use the same shape or another --out.")
     write_json_atomic(saved, json.loads(config.to_json()))
     return out, record if config.resume else None
@@ -78,6 +79,13 @@ def main(argv=None) -> int:
     config = parse_config(argv)
     print("config:\n" + config.to_json())
     out, verified = prepare_out(config)
+    # One device, or data-parallel over the local devices (--strategy mirrored).
+    with backends.distribution(config.strategy) as replicas:
+        return train(config, out, verified, replicas, started)
+
+
+def train(config: GPTConfig, out: Path, verified: dict | None, replicas: int,
+          started: float) -> int:
     interval = config.eval_interval
     keras.utils.set_random_seed(config.seed)
 
@@ -86,23 +94,20 @@ def main(argv=None) -> int:
     jit = plan.jit_compile if config.jit is None else config.jit
     print(f"precision: {plan}\n  XLA: {'on' if jit else 'off'}")
 
-    # 2. Data: a BPE tokenizer and token cache (built once), random windows via tf.data.
+    # 2. Data: a BPE tokenizer and token cache (built once), random windows (a PyDataset).
     cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir)
     tokenizer = cache.tokenizer()
     batches_per_epoch = interval * config.grad_accum
     epochs = config.steps // interval
     val_ds = data.val_dataset(cache, config.seq_len, config.batch_size, config.val_batches)
 
-    # 3. Model and optimizer, under MirroredStrategy when asked for.
-    strategy = (tf.distribute.MirroredStrategy() if config.strategy == "mirrored"
-                else tf.distribute.get_strategy())
-    with strategy.scope():
-        model = build_model(config)
-        optimizer = kmp.compile(
-            model, make_optimizer(config, model),
-            loss=lm_loss(), weighted_metrics=[], jit_compile=jit)
+    # 3. Model and optimizer.
+    model = build_model(config)
+    optimizer = kmp.compile(model, make_optimizer(config, model), loss=lm_loss(),
+                            weighted_metrics=[], jit_compile=jit)
     print(f"model: GPT-2 {config.num_layers} layers x {config.hidden_dim} wide, "
-          f"{model.count_params():,} parameters, {strategy.num_replicas_in_sync} replica(s)")
+          f"{model.count_params():,} parameters, {replicas} replica(s), "
+          f"backend {backends.name()}")
 
     # 4. Fit: `epochs` rounds of `interval` steps, validation and a checkpoint after each.
     ckpt_dir = out / "checkpoints"
@@ -121,16 +126,17 @@ def main(argv=None) -> int:
     hw = detect()
     peak = peak_flops(hw, keras.config.dtype_policy().compute_dtype)
     throughput = Throughput(config.batch_size * config.seq_len, flops_per_token(config),
-                            peak * strategy.num_replicas_in_sync if peak else None)
+                            peak * replicas if peak else None)
     monitor = PrecisionMonitor(log_dir=str(out / "tensorboard" / "kmp"), verbose=True)
     callbacks = [
         monitor, throughput, history,
-        keras.callbacks.TensorBoard(str(out / "tensorboard"), update_freq=10),
+        TensorBoardScalars(out / "tensorboard", update_freq=10),
         Checkpoint(ckpt_dir, extra_state=lambda: {"history": history.state()}),
     ]
+    # A progress bar on a terminal; one line per epoch in a log file or pipe.
     model.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch,
               steps_per_epoch=batches_per_epoch, validation_data=val_ds, callbacks=callbacks,
-              shuffle=False)
+              shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
 
     # 5. Summary: validation loss and perplexity, samples, the loss curve, metrics.json.
     val_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])

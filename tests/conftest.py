@@ -1,17 +1,30 @@
-"""Shared test set-up: two logical CPU devices (for tf.distribute tests) and a clean policy."""
+"""Shared test set-up: the Keras backend, two logical CPU devices, markers and a clean policy.
+
+The suite runs under KERAS_BACKEND=tensorflow (the default, everything) and under jax and
+torch (only the tests marked `backends`: the backend-neutral part). Tests marked `tensorflow`
+use tf.distribute or other TensorFlow-only API and run only under TensorFlow.
+"""
 
 import os
 import re
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if BACKEND == "jax":  # two CPU devices for keras.distribution tests
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=2").strip()
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(_cpu,
+                                               [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
 def pytest_addoption(parser):
@@ -28,6 +41,30 @@ _RELIABILITY = []  # (test id, fault or input, what happened), in test order
 def reliability(request):
     """Call with (fault, outcome) once the test has checked the outcome."""
     return lambda fault, outcome: _RELIABILITY.append((request.node.nodeid, fault, outcome))
+
+
+@pytest.fixture(autouse=True)
+def doctest_names(doctest_namespace):
+    """What every docstring example may use without importing it."""
+    import kmp
+
+    doctest_namespace.update(keras=keras, np=np, kmp=kmp)
+
+
+@pytest.fixture
+def fake_hardware(monkeypatch):
+    """Call with a KMP_FAKE_HARDWARE spec ("cpu", "cpu:bf16", "gpu:9.0", "tpu") to make
+    kmp.hardware.detect() report that machine for the rest of the test."""
+    from kmp.hardware import detect
+
+    def fake(spec):
+        monkeypatch.setenv("KMP_FAKE_HARDWARE", spec)
+        detect.cache_clear()
+        return detect()
+
+    yield fake
+    monkeypatch.delenv("KMP_FAKE_HARDWARE", raising=False)
+    detect.cache_clear()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -48,12 +85,28 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow; run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    """Under jax/torch keep only the backend-neutral tests (marked `backends`, docstring
+    examples excluded: their printed reprs are TensorFlow's); skip slow tests unless asked."""
+    if BACKEND != "tensorflow":
+        keep = [i for i in items if "backends" in i.keywords and "tensorflow" not in i.keywords
+                and not isinstance(i, pytest.DoctestItem)]
+        dropped = [i for i in items if i not in keep]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+    if not config.getoption("--runslow"):
+        skip = pytest.mark.skip(reason="slow; run with --runslow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+    if any("gpu" in item.keywords for item in items):
+        from kmp.hardware import detect
+
+        if detect().kind != "gpu":
+            skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+            for item in items:
+                if "gpu" in item.keywords:
+                    item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -1,21 +1,112 @@
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from kmp import cli
 from kmp.cli import main
 
 
-def run(*args):
+def run(*args, env=None):
+    env = {**os.environ, **(env or {})}
+    env.pop("KERAS_BACKEND", None)  # the command's own default or --backend decides
     return subprocess.run([sys.executable, "-m", "kmp.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
 
 
 def test_doctor_prints_hardware_plans_and_recommendation():
-    out = run("doctor")
+    out = run("doctor", env={"KMP_FAKE_HARDWARE": "cpu:bf16"})
     assert out.returncode == 0, out.stderr
-    for needle in ("hardware: CPU", "float32", "mixed_float16", "mixed_bfloat16",
-                   "recommendation:"):
+    for needle in ("hardware: CPU: fake CPU", "float32", "mixed_float16", "mixed_bfloat16",
+                   "recommendation: mixed_bfloat16", "backend tensorflow"):
         assert needle in out.stdout
+    assert out.stderr == ""  # TensorFlow's start-up lines are kept out of a user's way
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_backend_option_picks_the_keras_backend(backend):
+    out = run("--backend", backend, "doctor")
+    assert out.returncode == 0, out.stderr
+    assert f"backend {backend}" in out.stdout and f"{backend} " in out.stdout
+
+
+NO_TENSORFLOW = """
+import sys
+import numpy as np
+import kmp, keras
+kmp.set_policy("mixed_float16")
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+kmp.compile(model, "sgd", "mse")
+x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+model.fit(x, x[:, :1], batch_size=8, verbose=0, callbacks=[kmp.PrecisionMonitor()])
+print("tensorflow" in sys.modules, keras.backend.backend())
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_kmp_does_not_import_tensorflow_on_other_backends(backend):
+    out = subprocess.run([sys.executable, "-c", NO_TENSORFLOW], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "KERAS_BACKEND": backend})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["False", backend]
+
+
+# A Python where `import tensorflow` fails, as in an environment without it (the GPU machine).
+WITHOUT_TENSORFLOW = """
+import runpy, sys
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, NoTensorFlow())
+sys.argv = ["kmp", *sys.argv[1:]]
+runpy.run_module("kmp.cli", run_name="__main__")
+"""
+
+
+def test_pretrain_runs_on_jax_without_tensorflow_installed(tmp_path):
+    data = Path(__file__).parent / "data"
+    args = ["--backend", "jax", "pretrain", "--corpus", str(data / "corpus.txt"),
+            "--vocab-size", "512", "--seq-len", "32", "--batch-size", "8", "--num-layers", "1",
+            "--num-heads", "2", "--hidden-dim", "32", "--intermediate-dim", "64", "--steps",
+            "4", "--val-every", "2", "--val-batches", "1", "--samples", "1", "--precision",
+            "mixed_float16", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    out = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, *args], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["final_loss_scale"] > 0
+    assert "backend jax" in out.stdout
+    assert any((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "samples.txt").read_text().startswith("def")
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    assert main(["pretrain", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "kmp: error: --steps: steps must be a positive integer. Received: steps=0\n"
+
+    def broken(args, rest):
+        raise ValueError("an internal mistake, not the user's")
+
+    monkeypatch.setattr(cli, "_memory", broken)
+    with pytest.raises(ValueError, match="internal mistake"):
+        main(["memory"])
+    assert "this is a bug in kmp" in capsys.readouterr().err
+
+
+def test_each_command_offers_only_the_options_it_uses():
+    bench = run("bench", "--help").stdout
+    assert "--policies" in bench and "--hidden-dim" in bench
+    for unused in ("--prompt", "--samples", "--resume", "--val-every", "--strategy"):
+        assert unused not in bench, unused
+    memory = run("memory", "--help").stdout
+    assert "--measure" in memory and "--learning-rate" not in memory
+    pretrain = run("pretrain", "--help").stdout
+    assert "--resume" in pretrain and "--prompt" in pretrain
 
 
 def test_unknown_command_exits_2():
@@ -41,7 +132,8 @@ def test_bench_runs_every_policy_and_writes_reports(tmp_path, capsys):
         name for name in runs if name.startswith("auto = ")}
     assert runs["float32, XLA off"]["ratio"] == 1.0
     for r in runs.values():
-        assert r["median_step_ms"] > 0 and r["tokens_per_sec"] > 0 and r["final_loss"] > 0
+        assert r["median_step_ms"] > 0 and r["tokens_per_sec"] > 0
+        assert 0 < r["final_loss"] < r["first_loss"]  # real training steps
     assert "| run | median step (ms) |" in (tmp_path / "bench.md").read_text()
     assert main(["bench", "--xla", "maybe"]) == 2
     assert "Unknown --xla setting 'maybe'" in capsys.readouterr().err

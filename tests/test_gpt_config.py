@@ -88,7 +88,7 @@ def test_eval_interval_divides_steps():
     assert gpt.preset("tiny", steps=600, val_every=100).eval_interval == 100
     assert gpt.preset("tiny", steps=250, val_every=100).eval_interval == 50
     assert gpt.preset("tiny", steps=30, val_every=100).eval_interval == 30
-    with pytest.raises(ValueError, match="multiple of --val-every"):
+    with pytest.raises(ValueError, match="multiple of val_every"):
         gpt.preset("tiny", steps=101, val_every=100).eval_interval  # noqa: B018
 
 

@@ -4,7 +4,13 @@ import keras
 import pytest
 
 import kmp
-from kmp.hardware import Hardware, detect
+from kmp import backends
+from kmp.hardware import PEAK_TFLOPS, Hardware, detect, gpu_model, peak_flops
+
+pytestmark = pytest.mark.backends
+# The XLA setting the plan gives: the hardware's choice on TensorFlow, always on under JAX,
+# off under torch (eager, Keras's default).
+BACKEND_JIT = {"jax": True, "torch": False}.get(keras.backend.backend())
 
 GPU80 = Hardware("gpu", "A100", (8, 0))
 GPU90 = Hardware("gpu", "H100", (9, 0))
@@ -31,7 +37,7 @@ CPU = Hardware("cpu", "old", count=2)
 )
 def test_auto_decides_from_hardware(hw, policy, jit):
     p = kmp.plan("auto", hw)
-    assert (p.policy, p.jit_compile) == (policy, jit)
+    assert (p.policy, p.jit_compile) == (policy, jit if BACKEND_JIT is None else BACKEND_JIT)
     assert p.loss_scaling == (policy == "mixed_float16")
     assert p.reason and p.warning is None and p.device == hw.describe()
 
@@ -73,9 +79,14 @@ def test_set_policy_auto_on_this_machine_sets_keras_policy():
     assert p.policy in str(p) and p.reason in str(p)
 
 
-def test_detect_reads_this_machine(monkeypatch):
+def test_detect_agrees_with_the_backend_and_cpuinfo():
+    """Whatever this machine is: detect() reports what the active backend sees, and the CPU's
+    bf16 flags as /proc/cpuinfo lists them."""
+    detect.cache_clear()
     hw = detect()
-    assert hw.kind == "cpu" and hw.count >= 1 and hw.describe().startswith("CPU:")
+    found = backends.accelerator()
+    assert hw.kind == (found["kind"] if found else "cpu") and hw.count >= 1
+    assert hw.describe().startswith({"cpu": "CPU:", "gpu": "GPU:", "tpu": "TPU:"}[hw.kind])
     with open("/proc/cpuinfo") as f:
         flags = f.read()
     assert hw.cpu_bf16 == ("avx512_bf16" in flags or "amx_bf16" in flags)
@@ -85,23 +96,55 @@ def test_detect_reads_this_machine(monkeypatch):
     ("gpu:7.5", "gpu", (7, 5), False), ("tpu", "tpu", None, False),
     ("cpu:bf16", "cpu", None, True), ("cpu", "cpu", None, False),
 ])
-def test_fake_hardware_override(monkeypatch, spec, kind, cc, bf16):
-    monkeypatch.setenv("KMP_FAKE_HARDWARE", spec)
-    detect.cache_clear()
-    try:
-        hw = detect()
-        assert (hw.kind, hw.compute_capability, hw.cpu_bf16) == (kind, cc, bf16)
-    finally:
-        monkeypatch.delenv("KMP_FAKE_HARDWARE")
-        detect.cache_clear()
+def test_fake_hardware_override(fake_hardware, spec, kind, cc, bf16):
+    hw = fake_hardware(spec)
+    assert (hw.kind, hw.compute_capability, hw.cpu_bf16) == (kind, cc, bf16)
 
 
-def test_bad_fake_hardware_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("KMP_FAKE_HARDWARE", "fpga")
+def test_bad_fake_hardware_is_a_clear_error(fake_hardware):
+    with pytest.raises(ValueError, match="Unknown KMP_FAKE_HARDWARE='fpga'"):
+        fake_hardware("fpga")
+
+
+# Names as the drivers report them (nvidia-smi / cudaGetDeviceProperties), with the dense
+# 16-bit peak each must get (TFLOP/s; None: unknown, never another GPU's figure).
+GPU_NAMES = [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0),
+    ("NVIDIA A10", 125.0), ("NVIDIA A10G", None), ("Tesla V100-SXM2-16GB", 125.0),
+    ("Tesla V100-PCIE-32GB", 112.0), ("Tesla T4", 65.0), ("NVIDIA GeForce RTX 4090", None),
+]
+
+
+@pytest.mark.parametrize("name, half", GPU_NAMES)
+def test_peak_flops_matches_whole_model_names(name, half):
+    got = peak_flops(Hardware("gpu", name, (9, 0)), "float16")
+    assert got == (half * 1e12 if half else None)
+    model, _ = gpu_model(name)
+    assert model is None or model in name.upper().replace("-", " ").split()
+
+
+def test_peak_flops_float32_and_bfloat16():
+    h100 = Hardware("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
+    assert peak_flops(h100, "float32") == 495e12 and peak_flops(h100, "bfloat16") == 989e12
+    assert peak_flops(Hardware("gpu", "Tesla V100-SXM2-16GB", (7, 0)), "bfloat16") is None
+    assert peak_flops(Hardware("cpu", "Xeon"), "bfloat16") is None
+    assert set(PEAK_TFLOPS) >= {"H100", "H200", "GH200", "A100", "L4", "L40S", "A10", "V100",
+                                "T4"}
+
+
+@pytest.mark.gpu
+def test_auto_trains_on_this_gpu():
+    """On an NVIDIA GPU: auto picks a mixed policy and a small model trains there."""
+    import numpy as np
+
     detect.cache_clear()
-    try:
-        with pytest.raises(ValueError, match="Unknown KMP_FAKE_HARDWARE='fpga'"):
-            detect()
-    finally:
-        monkeypatch.delenv("KMP_FAKE_HARDWARE")
-        detect.cache_clear()
+    plan = kmp.set_policy("auto")
+    assert plan.policy in ("mixed_float16", "mixed_bfloat16") and detect().kind == "gpu"
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64), keras.layers.Dense(1)])
+    kmp.compile(model, "adam", "mse")
+    x = np.random.default_rng(0).normal(size=(256, 64)).astype("float32")
+    loss = model.fit(x, x[:, :1], batch_size=64, epochs=3, verbose=0).history["loss"]
+    assert np.isfinite(loss).all() and loss[-1] < loss[0]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from kmp import checkpoint
+from kmp._keras import flatten_layers
 from kmp.cli import main as cli_main
 from kmp.diagnostics import parity_check
 from kmp.gpt import load_model
@@ -38,14 +40,16 @@ def train_losses(out):
     return [loss for _, loss in checkpoint.latest(out / "checkpoints")["extra"]["history"]["train"]]
 
 
-def test_tiny_run_writes_every_output(tmp_path):
+@pytest.mark.backends
+def test_tiny_run_writes_every_output(tmp_path, fake_hardware):
+    fake_hardware("cpu")  # no peak FLOP/s known: no MFU
     out, metrics = run(tmp_path, "--steps", "6", "--val-every", "3", "--precision", "float32",
                        "--samples", "2")
     assert list(metrics) == ["policy", "steps", "final_train_loss", "val_loss", "val_perplexity",
                              "tokens_per_sec", "mfu", "skipped_steps", "final_loss_scale",
                              "wall_seconds"]
     assert metrics["policy"] == "float32" and metrics["steps"] == 6
-    assert metrics["mfu"] is None and metrics["final_loss_scale"] is None  # CPU; no scaling
+    assert metrics["mfu"] is None and metrics["final_loss_scale"] is None  # no scaling
     assert math.isclose(metrics["val_perplexity"], math.exp(metrics["val_loss"]), rel_tol=1e-6)
     for name in ("config.json", "loss.png", "samples.txt", "model.keras"):
         assert (out / name).stat().st_size > 0, name
@@ -56,7 +60,7 @@ def test_tiny_run_writes_every_output(tmp_path):
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
     loaded = load_model(out / "model.keras")  # safe mode, islands back in
     assert loaded.generate("def", max_length=12).startswith("def")
-    assert any(isinstance(layer, Softmax) for layer in loaded._flatten_layers())
+    assert any(isinstance(layer, Softmax) for layer in flatten_layers(loaded))
     x = {"token_ids": np.ones((2, 8), "int32"), "padding_mask": np.ones((2, 8), "int32")}
     assert parity_check(loaded, x).flagged == []  # a keras-hub task with its preprocessor
     # The diagnosis commands take the finished run: its model and its config.
@@ -89,6 +93,7 @@ def test_fixed_seed_run_matches_the_golden_losses(tmp_path):
         assert worst <= tol, f"{policy}: worst per-step loss difference {worst:.2e} > {tol}"
 
 
+@pytest.mark.backends
 def test_resume_continues_the_same_run(tmp_path, monkeypatch):
     args = ("--steps", "8", "--val-every", "4", "--precision", "mixed_float16", "--no-jit")
     ref, ref_metrics = run(tmp_path, *args, name="ref")
@@ -118,28 +123,32 @@ def test_resume_refuses_another_shape_or_no_checkpoint(tmp_path):
         run(tmp_path, "--steps", "2", "--hidden-dim", "64", "--resume")
     (tmp_path / "fresh").mkdir()  # a run's config without any checkpoint
     (tmp_path / "fresh" / "config.json").write_text((tmp_path / "run" / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    with pytest.raises(ValueError, match="No checkpoint"):
         run(tmp_path, "--steps", "2", "--resume", name="fresh")
 
 
 MIRRORED_SCRIPT = """
-import sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import os, sys
+if os.environ["KERAS_BACKEND"] == "tensorflow":
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from kmp.recipes import pretrain_gpt
 sys.exit(pretrain_gpt.main(sys.argv[1:]))
 """
 
 
-def test_mirrored_strategy_trains_on_two_replicas(tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_mirrored_strategy_trains_on_two_replicas(tmp_path, backend):
     # In a subprocess: two MirroredStrategy instances in one process clash on collective keys
-    # (test_scaling.py has its own).
+    # (test_scaling.py has its own); on JAX, keras.distribution.DataParallel over 2 CPU devices.
     out = tmp_path / "run"
     argv = [*SMALL, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--samples", "0",
             "--steps", "2", "--strategy", "mirrored", "--no-jit", "--precision", "mixed_float16"]
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, *argv], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 replica(s)" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())

@@ -14,6 +14,8 @@ import math
 import keras
 import numpy as np
 
+from kmp._keras import own_variables, recorded_outputs, walk
+from kmp.errors import UserError
 from kmp.layers.head import LMHead
 from kmp.layers.islands import _Float32Island
 
@@ -75,14 +77,13 @@ def sample_inputs(model, batch: int = 2, length: int = 16, seed: int = 0):
     try:
         specs = model.inputs[0] if isinstance(model, keras.Sequential) else model.input
     except (AttributeError, ValueError, IndexError, TypeError):
-        raise ValueError(f"audit: {type(model).__name__} has no known inputs. "
+        raise UserError(f"audit: {type(model).__name__} has no known inputs. "
                          "Pass a batch: audit(model, x).") from None
     return keras.tree.map_structure(one, specs)
 
 
 def _own_params(layer) -> int:
-    own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
-    return int(sum(math.prod(v.shape) for v in own))
+    return int(sum(math.prod(v.shape) for v in own_variables(layer)))
 
 
 def _tensor_cores(layer) -> str:
@@ -156,8 +157,6 @@ def audit(model, x=None) -> Audit:
     >>> audit(m).layers[0].output_dtypes
     ('float32',)
     """
-    from kmp.diagnostics.tracing import recorded_outputs, walk
-
     x = sample_inputs(model) if x is None else x
     with recorded_outputs(model) as outputs:
         y = model(x, training=False)

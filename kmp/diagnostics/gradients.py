@@ -13,7 +13,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import keras
 import numpy as np
+
+from kmp._keras import layer_paths
+from kmp.diagnostics.tracing import forward_backward
 
 FP16_MAX = 65504.0
 FP16_MIN_SUBNORMAL_EXP = -24
@@ -102,14 +106,11 @@ def gradient_histogram(model, x, y=None) -> GradientReport:
         A `GradientReport`.
 
     Example:
-    >>> import keras
     >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     >>> report = gradient_histogram(m, np.ones((4, 2), "float32"))
     >>> report.suggested_scale() > 1
     True
     """
-    from kmp.diagnostics.tracing import forward_backward, layer_paths
-
     loss, outputs, out_grads, var_grads = forward_backward(model, x, y)
     paths = layer_paths(model)
     magnitudes, kinds = {}, {}
@@ -118,7 +119,8 @@ def gradient_histogram(model, x, y=None) -> GradientReport:
         if g is None:
             return
         key = name if name not in magnitudes else f"{name} #{len(magnitudes)}"
-        magnitudes[key] = np.abs(np.asarray(g, dtype=np.float64)).ravel()
+        g = keras.ops.convert_to_numpy(keras.ops.cast(g, "float32"))
+        magnitudes[key] = np.abs(g.astype(np.float64)).ravel()
         kinds[key] = kind
 
     for (layer, _), g in zip(outputs, out_grads):

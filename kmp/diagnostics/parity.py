@@ -13,6 +13,10 @@ import dataclasses
 import keras
 import numpy as np
 
+from kmp._keras import flatten_layers, layer_paths, walk
+from kmp.layers.harden import harden, is_hardened
+from kmp.diagnostics.tracing import forward_backward
+
 # Default tolerances on the relative error, by compute dtype. `kmp parity` on a fresh tiny GPT
 # (a stdlib batch) shows at most 1.7e-3 under float16 (loss-scaled) and 4.4e-2 under bfloat16.
 TOLERANCE = {"float16": 1e-2, "bfloat16": 1e-1, "float32": 1e-5}
@@ -88,6 +92,8 @@ def float32_clone(model, x):
         clone = keras.saving.deserialize_keras_object(config)
     finally:
         keras.config.set_dtype_policy(previous)
+    if any(is_hardened(layer) for layer in flatten_layers(model)):
+        harden(clone)  # the islands live in the layer objects, not in the config
     clone(x, training=False)  # builds subclassed models and layers
     clone.set_weights(model.get_weights())
     if getattr(model, "loss", None) is not None and isinstance(clone, keras.Model):
@@ -146,8 +152,6 @@ def parity_check(model, x, y=None, tolerance: float | None = None,
     >>> parity_check(m, x).flagged
     []
     """
-    from kmp.diagnostics.tracing import forward_backward, layer_paths, walk
-
     compute = keras.backend.standardize_dtype(model.compute_dtype)
     policy = model.dtype_policy.name
     if compute == "float32":  # e.g. a float32 Functional holding mixed layers

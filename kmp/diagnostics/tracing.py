@@ -4,19 +4,20 @@
 output recorded in the order the calls finish (an inner layer before the layer that contains
 it), then reports the first layer whose output has a non-finite value, the first layer (in
 backward order, last layer first) whose output gradient has one, and every variable whose
-gradient has one, each with its tensor statistics. Works on any Keras model on the TensorFlow
-backend; nothing of the model changes.
+gradient has one, each with its tensor statistics. Works on any Keras model on every backend
+(the gradients of intermediate outputs come from `kmp.backends.forward_backward`); nothing of
+the model changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import keras
 import numpy as np
 
-from kmp.layers.harden import tracking_unlocked
+from kmp import backends
+from kmp._keras import layer_paths, recorded_outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,69 +105,18 @@ def trace_nonfinite(model, x, y=None, loss_scale: float = 1.0) -> Trace:
     return Trace(forward, backward, bad_vars, float(loss))
 
 
-def walk(model, prefix="", seen=None):
-    """(path, layer) once for every nested layer, depth first; a layer without a `path` (keras
-    sublayers created outside a build) gets its parent's path plus its name."""
-    seen = set() if seen is None else seen
-    for child in model._flatten_layers(include_self=False, recursive=False):
-        if id(child) in seen:
-            continue
-        seen.add(id(child))
-        path = child.path or f"{prefix}/{child.name}".lstrip("/")
-        yield path, child
-        yield from walk(child, path, seen)
-
-
-def layer_paths(model) -> dict:
-    """id(layer) -> path for every nested layer of `model` (see `walk`)."""
-    return {id(layer): path for path, layer in walk(model)}
-
-
-@contextlib.contextmanager
-def recorded_outputs(model):
-    """Within the block, every float output of every (nested) layer of `model` is appended to
-    the yielded list as (layer, tensor), in the order the calls finish; the layers' own `call`
-    is put back afterwards."""
-    outputs = []
-
-    def recording(layer, call):
-        def call_and_record(*args, **kwargs):
-            out = call(*args, **kwargs)
-            for t in keras.tree.flatten(out):
-                if keras.ops.is_tensor(t) and keras.backend.is_float_dtype(t.dtype):
-                    outputs.append((layer, t))
-            return out
-        return call_and_record
-
-    originals = []
-    try:
-        for layer in model._flatten_layers(include_self=False, recursive=True):
-            originals.append((layer, layer.__dict__.get("call")))
-            with tracking_unlocked(layer):
-                layer.call = recording(layer, layer.call)
-        yield outputs
-    finally:
-        for layer, call in originals:
-            with tracking_unlocked(layer):
-                if call is None:
-                    del layer.call
-                else:
-                    layer.call = call
-
-
 def forward_backward(model, x, y=None, loss_scale: float = 1.0, training: bool = True):
     """One eager pass recording every layer output; returns (loss, outputs, output gradients,
     variable gradients), outputs as (layer, tensor) in the order the calls finished."""
-    import tensorflow as tf
 
-    with recorded_outputs(model) as outputs, tf.GradientTape(persistent=True) as tape:
-        y_pred = model(x, training=training)
-        if y is not None and getattr(model, "loss", None) is not None:
-            loss = model.compute_loss(x=x, y=y, y_pred=y_pred)
-        else:
-            loss = sum(keras.ops.sum(keras.ops.cast(t, "float32"))
-                       for t in keras.tree.flatten(y_pred))
-        scaled = loss * loss_scale
-    grads = tape.gradient(scaled, [t for _, t in outputs])
-    var_grads = tape.gradient(scaled, model.trainable_variables)
-    return loss, outputs, grads, var_grads
+    def forward(probes):
+        with recorded_outputs(model, probes) as outputs:
+            y_pred = model(x, training=training)
+            if y is not None and getattr(model, "loss", None) is not None:
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred)
+            else:
+                loss = sum(keras.ops.sum(keras.ops.cast(t, "float32"))
+                           for t in keras.tree.flatten(y_pred))
+        return loss, outputs
+
+    return backends.forward_backward(model, forward, loss_scale)

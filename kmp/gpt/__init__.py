@@ -1,8 +1,12 @@
-"""GPT pieces on KerasHub for the pretraining recipe: config and presets, data, model, reports."""
+"""GPT pieces on KerasHub for the pretraining recipe: config and presets, data, model,
+memory estimate, benchmark harness, reports."""
 
 from kmp.gpt.config import PRESETS, GPTConfig, add_arguments, from_args, preset
 from kmp.gpt.data import TokenCache, build_token_cache, train_dataset, val_dataset
+from kmp.gpt.memory import MemoryEstimate, estimate_memory, memory_table
 from kmp.gpt.model import (
+    GPTBackbone,
+    GPTCausalLM,
     NextTokenCrossentropy,
     build_model,
     flops_per_token,
@@ -14,7 +18,8 @@ from kmp.gpt.model import (
 from kmp.gpt.report import sample_text
 
 __all__ = [
-    "GPTConfig", "NextTokenCrossentropy", "PRESETS", "TokenCache", "add_arguments",
-    "build_model", "build_token_cache", "flops_per_token", "from_args", "lm_loss", "load_model",
-    "make_optimizer", "param_count", "preset", "sample_text", "train_dataset", "val_dataset",
+    "GPTBackbone", "GPTCausalLM", "GPTConfig", "MemoryEstimate", "NextTokenCrossentropy", "PRESETS",
+    "TokenCache", "add_arguments", "build_model", "build_token_cache", "estimate_memory",
+    "flops_per_token", "from_args", "lm_loss", "load_model", "make_optimizer", "memory_table",
+    "param_count", "preset", "sample_text", "train_dataset", "val_dataset",
 ]

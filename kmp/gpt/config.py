@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 
+from kmp.errors import UserError
 from kmp.policy import CHOICES
 
 STRATEGIES = ("default", "mirrored")
@@ -98,38 +99,41 @@ class GPTConfig:
         self.validate()
 
     def validate(self):
-        """Raises ValueError, saying what was received, for any inconsistent field."""
+        """Raises UserError, saying what was received, for any inconsistent field."""
         positive = ("vocab_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
                     "seq_len", "batch_size", "grad_accum", "steps", "val_every", "val_batches")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
+                raise UserError(f"{name} must be a positive integer. Received: {name}={value!r}",
+                                field=name)
         if self.hidden_dim % self.num_heads:
-            raise ValueError(
+            raise UserError(
                 f"hidden_dim must be divisible by num_heads. Received: hidden_dim="
-                f"{self.hidden_dim}, num_heads={self.num_heads}"
-            )
+                f"{self.hidden_dim}, num_heads={self.num_heads}", field="num_heads")
         if self.precision not in CHOICES:
-            raise ValueError(
-                f"Unknown precision {self.precision!r}. Use one of: {', '.join(CHOICES)}."
-            )
+            raise UserError(
+                f"Unknown precision {self.precision!r}. Use one of: {', '.join(CHOICES)}.",
+                field="precision")
         if self.logits not in ("compute", "float32"):
-            raise ValueError(f"Unknown logits {self.logits!r}. Use one of: compute, float32.")
+            raise UserError(f"Unknown logits {self.logits!r}. Use one of: compute, float32.",
+                            field="logits")
         if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"Unknown strategy {self.strategy!r}. Use one of: {', '.join(STRATEGIES)}."
-            )
+            raise UserError(
+                f"Unknown strategy {self.strategy!r}. Use one of: {', '.join(STRATEGIES)}.",
+                field="strategy")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1). Received: dropout={self.dropout!r}")
+            raise UserError(f"dropout must be in [0, 1). Received: dropout={self.dropout!r}",
+                            field="dropout")
         self.vocab_size = pad_vocab(self.vocab_size)
         if self.vocab_size > 65536:
-            raise ValueError(f"vocab_size must be at most 65536 (tokens are stored as uint16). "
-                             f"Received: vocab_size={self.vocab_size}")
+            raise UserError(f"vocab_size must be at most 65536 (tokens are stored as uint16). "
+                            f"Received: vocab_size={self.vocab_size}", field="vocab_size")
         if self.samples < 0:
-            raise ValueError(f"samples must be >= 0. Received: {self.samples}")
+            raise UserError(f"samples must be >= 0. Received: {self.samples}", field="samples")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0. Received: {self.warmup_steps}")
+            raise UserError(f"warmup_steps must be >= 0. Received: {self.warmup_steps}",
+                            field="warmup_steps")
 
     @property
     def eval_interval(self) -> int:
@@ -139,10 +143,10 @@ class GPTConfig:
         while self.steps % interval:
             interval -= 1
         if interval * 2 < wanted:
-            raise ValueError(
+            raise UserError(
                 f"steps={self.steps} has no divisor near val_every={self.val_every}, so the "
-                "validations cannot be evenly spaced. Pick --steps as a multiple of --val-every."
-            )
+                "validations cannot be evenly spaced. Pick steps as a multiple of val_every.",
+                field="steps")
         return interval
 
     def to_json(self) -> str:
@@ -183,18 +187,20 @@ def preset(name: str = "tiny", **overrides) -> GPTConfig:
         **overrides: Any `GPTConfig` field.
 
     Raises:
-        ValueError: for an unknown preset or field, or an invalid value.
+        UserError: for an unknown preset or field, or an invalid value.
 
     Example:
     >>> preset("gpt2-124m").vocab_size
     50304
     """
     if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}. Use one of: {', '.join(PRESETS)}.")
+        raise UserError(f"Unknown preset {name!r}. Use one of: {', '.join(PRESETS)}.",
+                        field="preset")
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"Unknown config field(s): {', '.join(unknown)}.")
+        raise UserError(f"Unknown config field(s): {', '.join(unknown)}. Use fields of "
+                        "GPTConfig.")
     return dataclasses.replace(PRESETS[name](), **overrides)
 
 
@@ -213,13 +219,14 @@ def _field_help() -> dict:
     return helps
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds `--preset` and one `--field-name` option per config field (default: the preset's)."""
+def add_arguments(parser: argparse.ArgumentParser, exclude=()) -> None:
+    """Adds `--preset` and one `--field-name` option per config field (default: the preset's),
+    except the fields in `exclude` (those a command does not use)."""
     parser.add_argument("--preset", default="tiny", help="named config to start from: "
                         f"{', '.join(PRESETS)} (default: tiny)")
     helps = _field_help()
     for f in dataclasses.fields(GPTConfig):
-        if f.name == "preset":
+        if f.name == "preset" or f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float, "str": str}.get(str(f.type))

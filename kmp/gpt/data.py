@@ -1,10 +1,11 @@
-"""Corpus -> byte-level BPE tokenizer -> uint16 token cache -> tf.data windows.
+"""Corpus -> byte-level BPE tokenizer -> uint16 token cache -> batches of windows.
 
 The corpus is read once, a GPT-2-style byte-level BPE is trained on it with the `tokenizers`
 library, and the tokenized text is stored as two uint16 memmaps (train and validation) under a
 cache directory keyed by the corpus files and the vocabulary size, so later runs reuse both.
 Training batches are random windows whose positions depend only on (seed, batch index): a
-resumed run sees exactly the batches an uninterrupted one would.
+resumed run sees exactly the batches an uninterrupted one would. Batches are served by a
+`keras.utils.PyDataset`, which every Keras backend's `fit` reads (no tf.data needed).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import keras
 import numpy as np
 
 from kmp.checkpoint import write_bytes_atomic, write_json_atomic
+from kmp.errors import UserError
 
 EOT = "<|endoftext|>"
 # keras-hub pads prompts with id 0 and stops generating at the end token, so id 0 must not be
@@ -39,7 +41,7 @@ def corpus_files(spec: str) -> list[Path]:
             tests), or a file, a directory (all files under it) or a glob pattern.
 
     Raises:
-        FileNotFoundError: when the spec names no file.
+        UserError: when the spec names no file.
     """
     if spec == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -56,8 +58,8 @@ def corpus_files(spec: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not files:
-        raise FileNotFoundError(
-            f"Corpus {spec!r} names no file. Use --corpus stdlib, or a file, directory or glob "
+        raise UserError(
+            f"Corpus {spec!r} names no file. Use the corpus stdlib, or a file, directory or glob "
             "of UTF-8 text."
         )
     return files
@@ -149,8 +151,8 @@ def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> Tok
         log: callable. Where progress lines go. Defaults to print.
 
     Raises:
-        FileNotFoundError: when the corpus names no file.
-        ValueError: when no file decodes as UTF-8 text, or the corpus is too small to split.
+        UserError: when the corpus names no file, when no file decodes as UTF-8 text, or
+            when the corpus is too small to split.
     """
     files = corpus_files(corpus)
     directory = Path(cache_dir).expanduser() / f"tokens-{_fingerprint(files, vocab_size)}"
@@ -164,8 +166,8 @@ def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> Tok
     log(f"corpus: {corpus!r}: {len(files)} files, {len(docs)} read, {skipped} skipped "
         f"(not UTF-8 text), {sum(map(len, docs)) / 1e6:.1f} M characters")
     if not docs:
-        raise ValueError(f"Corpus {corpus!r} has no UTF-8 text ({len(files)} files, {skipped} "
-                         "skipped). Point --corpus at text files.")
+        raise UserError(f"Corpus {corpus!r} has no UTF-8 text ({len(files)} files, {skipped} "
+                        "skipped). Point the corpus at text files.")
     log(f"tokenizer: training a byte-level BPE with {vocab_size} tokens ...")
     train_tokenizer(docs, vocab_size, directory)
     # Encode with keras-hub's tokenizer, the one sampling uses: it groups whitespace a little
@@ -181,7 +183,7 @@ def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> Tok
     tokens = np.asarray(ids, dtype=np.uint16)
     block = min(BLOCK_TOKENS, len(tokens) // VAL_EVERY_BLOCK)
     if block < 2:
-        raise ValueError(f"Corpus {corpus!r} has only {len(tokens)} tokens: too small to split "
+        raise UserError(f"Corpus {corpus!r} has only {len(tokens)} tokens: too small to split "
                          "into train and validation. Use a larger corpus.")
     blocks = np.arange(len(tokens)) // block
     is_val = blocks % VAL_EVERY_BLOCK == VAL_EVERY_BLOCK - 1
@@ -198,9 +200,9 @@ def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> Tok
 
 def _check_fits(tokens: np.ndarray, seq_len: int, split: str):
     if len(tokens) < seq_len + 1:
-        raise ValueError(
+        raise UserError(
             f"The {split} split has {len(tokens)} tokens, fewer than one training window "
-            f"(seq_len + 1 = {seq_len + 1}). Use a larger corpus or a smaller --seq-len."
+            f"(seq_len + 1 = {seq_len + 1}). Use a larger corpus or a smaller seq_len."
         )
 
 
@@ -215,41 +217,64 @@ def window_batch(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, i
     return windows[:, :-1], windows[:, 1:]
 
 
-def _as_lm_inputs(x, y):
-    import tensorflow as tf
+def _lm_inputs(x):
+    return {"token_ids": x, "padding_mask": np.ones_like(x)}  # int32, as the backbone declares
 
-    return {"token_ids": x, "padding_mask": tf.ones_like(x)}, y  # int32, as the backbone declares
+
+class Batches(keras.utils.PyDataset):
+    """Training batches `start` .. `stop - 1` of random windows (see `window_batch`), as a
+    PyDataset: item i is batch `start + i`, ({"token_ids", "padding_mask"}, targets).
+
+    Args:
+        tokens: 1-D array of token ids (e.g. `TokenCache.train`).
+        seq_len: int. Window length.
+        batch_size: int. Windows per batch.
+        seed: int. Seed of the window positions.
+        start: int. Index of the first batch.
+        stop: int. Index after the last batch.
+    """
+
+    def __init__(self, tokens, seq_len, batch_size, seed, start, stop):
+        super().__init__()
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.start, self.stop = start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        x, y = window_batch(self.tokens, self.seq_len, self.batch_size, self.seed, self.start + i)
+        return _lm_inputs(x), y
+
+
+class Windows(keras.utils.PyDataset):
+    """Batches of fixed windows (rows of `inputs`/`targets`), in order, as a PyDataset."""
+
+    def __init__(self, inputs, targets, batch_size):
+        super().__init__()
+        self.inputs, self.targets, self.batch_size = inputs, targets, batch_size
+
+    def __len__(self):
+        return -(-len(self.inputs) // self.batch_size)
+
+    def __getitem__(self, i):
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return _lm_inputs(self.inputs[rows]), self.targets[rows]
 
 
 def train_dataset(cache: TokenCache, seq_len: int, batch_size: int, seed: int, start: int,
-                  stop: int):
-    """tf.data of training batches `start` .. `stop - 1` (random windows), prefetched."""
-    import tensorflow as tf
-
+                  stop: int) -> Batches:
+    """Training batches `start` .. `stop - 1` (random windows) of the cache's train split."""
     tokens = cache.train
     _check_fits(tokens, seq_len, "train")
-
-    def fetch(i):
-        return window_batch(tokens, seq_len, batch_size, seed, int(i))
-
-    def load(i):
-        x, y = tf.numpy_function(fetch, [i], (tf.int32, tf.int32))
-        x.set_shape((batch_size, seq_len))
-        y.set_shape((batch_size, seq_len))
-        return _as_lm_inputs(x, y)
-
-    ds = tf.data.Dataset.range(start, stop).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return Batches(tokens, seq_len, batch_size, seed, start, stop)
 
 
-def val_dataset(cache: TokenCache, seq_len: int, batch_size: int, max_batches: int):
-    """tf.data of consecutive, non-overlapping validation windows (at most `max_batches`)."""
-    import tensorflow as tf
-
+def val_dataset(cache: TokenCache, seq_len: int, batch_size: int, max_batches: int) -> Windows:
+    """Consecutive, non-overlapping validation windows (at most `max_batches` batches)."""
     tokens = np.asarray(cache.val)
     _check_fits(tokens, seq_len, "validation")
     count = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
     windows = np.stack([tokens[i * seq_len:(i + 1) * seq_len + 1] for i in range(count)])
     windows = windows.astype(np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((windows[:, :-1], windows[:, 1:]))
-    return ds.batch(batch_size).map(_as_lm_inputs).prefetch(tf.data.AUTOTUNE)
+    return Windows(windows[:, :-1], windows[:, 1:], batch_size)

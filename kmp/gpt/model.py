@@ -2,38 +2,103 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
+import keras_hub
+from keras import ops
 
+from kmp._keras import flatten_layers
 from kmp.gpt.config import GPTConfig
+from kmp.hardware import detect
+from kmp.layers import harden
+from kmp.layers.harden import set_float32_residual
 
 
-def build_model(config: GPTConfig):
+@keras.saving.register_keras_serializable(package="kmp")
+class GPTBackbone(keras_hub.models.GPT2Backbone):
+    """keras-hub's GPT-2 backbone with kmp's precision options, which its config saves.
+
+    keras-hub's `GPT2Backbone.get_config` keeps only the backbone's own dtype policy, so a
+    vocabulary projection moved to the compute dtype or a float32 residual stream would come
+    back from a `.keras` file as keras-hub's defaults: another computation than the one
+    trained. This subclass records both and applies them when it is rebuilt.
+
+    Args:
+        *args: `keras_hub.models.GPT2Backbone`'s arguments.
+        logits_dtype: str or None. The dtype the tied vocabulary projection (the logits)
+            multiplies in; None keeps keras-hub's (the variable dtype, float32). Defaults to None.
+        float32_residual: bool. A float32 residual stream (see `kmp.harden`). Defaults to False.
+        **kwargs: `keras_hub.models.GPT2Backbone`'s keyword arguments.
+    """
+
+    def __init__(self, *args, logits_dtype=None, float32_residual=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logits_dtype = logits_dtype
+        self.token_embedding.reverse_dtype = logits_dtype
+        self.float32_residual = bool(float32_residual)
+        if self.float32_residual:
+            set_float32_residual(self)
+
+    def get_config(self):
+        return {**super().get_config(), "logits_dtype": self.logits_dtype,
+                "float32_residual": self.float32_residual}
+
+
+@keras.saving.register_keras_serializable(package="kmp")
+class GPTCausalLM(keras_hub.models.GPT2CausalLM):
+    """keras-hub's GPT-2 language model; without a preprocessor, `fit`, `evaluate` and
+    `predict` take any Keras input (a `keras.utils.PyDataset`, arrays) on every backend.
+
+    keras-hub 0.32's task converts every input to a tf.data or Grain dataset first, which a
+    model fed token ids does not need and which needs TensorFlow or Grain installed. With a
+    preprocessor attached (a loaded model, for `generate`), keras-hub's path is kept.
+    """
+
+    def fit(self, *args, **kwargs):
+        if self.preprocessor is None:
+            return keras.Model.fit(self, *args, **kwargs)
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        if self.preprocessor is None:
+            return keras.Model.evaluate(self, *args, **kwargs)
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        if self.preprocessor is None:
+            return keras.Model.predict(self, *args, **kwargs)
+        return super().predict(*args, **kwargs)
+
+
+def build_model(config: GPTConfig, float32_residual: bool = False):
     """A keras-hub GPT2CausalLM of `config`'s shape, under the current global dtype policy.
 
-    The model is not compiled: `kmp.compile` puts the FP32 islands in (a float32 softmax in
-    every attention layer; keras-hub keeps the layer norms in float32) and wraps the optimizer
-    for loss scaling when the policy is mixed_float16. Under a mixed policy keras-hub multiplies
-    the tied vocabulary projection in float32 (its embedding is not autocast); with
-    `config.logits == "compute"` it runs in the compute dtype instead, as Megatron-LM does, and
-    the loss upcasts the logits to float32 before the softmax.
+    The model is not compiled: `kmp.compile` puts the FP32 islands in (float32 attention
+    scores and softmax in every attention layer; keras-hub keeps the layer norms in float32)
+    and wraps the optimizer for loss scaling when the policy is mixed_float16. Under a mixed
+    policy keras-hub multiplies the tied vocabulary projection in float32 (its embedding is not
+    autocast); with `config.logits == "compute"` it runs in the compute dtype instead, as
+    Megatron-LM does, and the loss upcasts the logits to float32 before the softmax. Both
+    choices are saved with the model (`GPTBackbone`).
 
     Args:
         config: GPTConfig. The model's shape; `seq_len` is its maximum sequence length.
+        float32_residual: bool. A float32 residual stream. Defaults to False.
 
     Returns:
-        keras_hub.models.GPT2CausalLM, without a preprocessor.
+        A `GPTCausalLM` (keras-hub's GPT2CausalLM) without a preprocessor.
     """
-    import keras_hub
-
-    backbone = keras_hub.models.GPT2Backbone(
+    compute = keras.config.dtype_policy().compute_dtype
+    backbone = GPTBackbone(
         vocabulary_size=config.vocab_size, num_layers=config.num_layers,
         num_heads=config.num_heads, hidden_dim=config.hidden_dim,
         intermediate_dim=config.intermediate_dim, dropout=config.dropout,
         max_sequence_length=config.seq_len,
+        logits_dtype=compute if config.logits == "compute" and compute != "float32" else None,
+        float32_residual=float32_residual,
     )
-    if config.logits == "compute":
-        backbone.token_embedding.reverse_dtype = backbone.dtype_policy.compute_dtype
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None, compile=False)
+    return GPTCausalLM(backbone=backbone, preprocessor=None, compile=False)
 
 
 def param_count(config: GPTConfig, position_embeddings: bool = True) -> int:
@@ -91,8 +156,6 @@ class NextTokenCrossentropy(keras.losses.Loss):
         super().__init__(reduction=reduction, name=name, **kwargs)
 
     def call(self, y_true, y_pred):
-        from keras import ops
-
         labels = ops.cast(y_true, "int32")
         logits = ops.cast(y_pred, "float32")
         vocab = ops.shape(logits)[-1]
@@ -121,8 +184,6 @@ def lm_loss() -> keras.losses.Loss:
     fused kernel reads the logits once per pass (XLA fuses either). The machine is
     `kmp.hardware.detect()`'s.
     """
-    from kmp.hardware import detect
-
     if detect().kind == "gpu":
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return NextTokenCrossentropy()
@@ -131,7 +192,7 @@ def lm_loss() -> keras.losses.Loss:
 def _no_decay_variables(model) -> list:
     """Norm scales, biases (any variable of rank < 2) and embedding tables."""
     chosen = {id(v): v for v in model.trainable_variables if len(v.shape) < 2}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in flatten_layers(model):
         if "Embedding" in type(layer).__name__:
             chosen.update({id(v): v for v in layer.trainable_variables})
     return list(chosen.values())
@@ -169,14 +230,8 @@ def load_model(path):
         path: str or Path. A `model.keras` written by `kmp pretrain`.
 
     Returns:
-        keras_hub.models.GPT2CausalLM with its preprocessor (tokenizer) attached.
+        A `GPTCausalLM` with its preprocessor (tokenizer) attached.
     """
-    import warnings
-
-    import keras_hub  # noqa: F401  (registers the keras-hub classes for deserialization)
-
-    from kmp.layers import harden
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*compile.*custom", category=UserWarning)
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")

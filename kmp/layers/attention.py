@@ -1,10 +1,12 @@
-"""Causal self-attention whose scores and softmax are float32 under any policy."""
+"""Attention whose scores and softmax are float32 under any policy: kmp's own causal
+self-attention layer, and the computation `kmp.harden` puts into Keras's MultiHeadAttention."""
 
 from __future__ import annotations
 
 import keras
 from keras import ops
 
+from kmp.errors import UserError
 from kmp.layers.islands import Softmax
 
 
@@ -49,7 +51,7 @@ class CausalSelfAttention(keras.layers.Layer):
     def build(self, input_shape):
         hidden = input_shape[-1]
         if hidden % self.num_heads:
-            raise ValueError(
+            raise UserError(
                 f"CausalSelfAttention: input width {hidden} is not divisible by "
                 f"num_heads={self.num_heads}. Use a num_heads that divides {hidden}."
             )
@@ -88,3 +90,27 @@ class CausalSelfAttention(keras.layers.Layer):
             "use_bias": self.use_bias,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
         }
+
+
+def float32_attention(layer, query, key, value, attention_mask=None, training=None,
+                      return_attention_scores=False, use_causal_mask=False):
+    """`keras.layers.MultiHeadAttention._compute_attention` with a float32 island.
+
+    The scores are a float32 product of the projected query and key, the mask and softmax run
+    in float32 in the layer's `kmp.layers.Softmax`, and only the probabilities are rounded to
+    the compute dtype for the product with the values. `kmp.harden` binds it to each
+    MultiHeadAttention, replacing Keras's path, which with dropout 0 calls the fused
+    `ops.dot_product_attention` (where the scores are rounded to the compute dtype on the
+    TensorFlow backend) and otherwise computes the softmax in the compute dtype. Same
+    arguments and returns as Keras's method (Keras 3.15.1).
+    """
+    if use_causal_mask:  # Keras's call leaves the causal mask to the fused kernel
+        causal = layer._compute_causal_mask(query, value)
+        attention_mask = causal if attention_mask is None else ops.logical_and(
+            ops.cast(attention_mask, "bool"), causal)
+    scaled = ops.cast(query, "float32") * float(layer._inverse_sqrt_key_dim)
+    scores = ops.einsum(layer._dot_product_equation, ops.cast(key, "float32"), scaled)
+    probs = layer._masked_softmax(scores, attention_mask)
+    dropped = layer._dropout_layer(probs, training=training) if layer._dropout > 0 else probs
+    output = ops.einsum(layer._combine_equation, ops.cast(dropped, value.dtype), value)
+    return output, probs

@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
+import types
 
 import keras
 
+from kmp._keras import flatten_layers, replace_sublayer, tracking_unlocked
+from kmp.errors import UserError
+from kmp.layers.attention import float32_attention
 from kmp.layers.islands import Softmax
 
 
-@contextlib.contextmanager
-def tracking_unlocked(layer):
-    """Lets a built layer take a new sublayer or metric (keras locks built layers' tracking)."""
-    locked = layer._tracker.locked
-    layer._tracker.unlock()
-    try:
-        yield layer
-    finally:
-        if locked:
-            layer._tracker.lock()
+def is_hardened(layer) -> bool:
+    """True when `layer` is a MultiHeadAttention that computes its scores and softmax in
+    float32 through `kmp.layers.attention.float32_attention` (what `harden` does)."""
+    return isinstance(layer, keras.layers.MultiHeadAttention) and isinstance(
+        layer.__dict__.get("_compute_attention"), types.MethodType) and isinstance(
+        layer._softmax, Softmax)
 
 
 def harden(model, float32_residual=False):
     """Puts FP32 islands into an existing model, in place and without touching its weights.
 
-    Every `keras.layers.MultiHeadAttention` (keras-hub's cached attention included) gets a
-    float32 `kmp.layers.Softmax`, so its softmax is float32 also when attention dropout > 0
-    (keras computes it in the compute dtype then). Layer norms in keras already compute their
-    statistics in float32 and keras-hub GPT-2's logits are float32, so both are left alone.
+    Every `keras.layers.MultiHeadAttention` (keras-hub's cached attention included) computes
+    its attention scores and softmax in float32 (`kmp.layers.attention.float32_attention`
+    with a `kmp.layers.Softmax`), on every backend and with or without dropout; Keras's own
+    path takes a fused kernel when dropout is 0 and a compute-dtype softmax otherwise. Layer
+    norms in keras already compute their statistics in float32 and keras-hub GPT-2's logits
+    are float32, so both are left alone.
 
     With `float32_residual=True` (keras-hub GPT-2 style backbones: `transformer_layers`,
     `embeddings_add`, `layer_norm`), the residual stream is float32: the embedding sum, each
@@ -35,7 +36,9 @@ def harden(model, float32_residual=False):
     and feed-forward projections inside each block keep the mixed policy (Tensor Cores).
 
     The islands live in the layer objects, not in the saved config: call `harden` again after
-    `keras.saving.load_model` (the float32 residual policies are saved with the model).
+    `keras.saving.load_model` (`kmp.gpt.load_model` does). The float32 residual stream of a
+    `kmp.gpt` model is saved with it (its backbone records the option); on another model it is
+    not, so pass `float32_residual=True` again after loading.
 
     Args:
         model: keras.Model. A model or backbone, built or not.
@@ -45,7 +48,7 @@ def harden(model, float32_residual=False):
         The same model, for chaining.
 
     Raises:
-        ValueError: if `float32_residual=True` and `model` has no GPT-2 style residual stream.
+        UserError: if `float32_residual=True` and `model` has no GPT-2 style residual stream.
 
     Example:
     >>> import keras_hub
@@ -54,28 +57,37 @@ def harden(model, float32_residual=False):
     True
     """
     backbone = getattr(model, "backbone", model)
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        if isinstance(layer, keras.layers.MultiHeadAttention) and not isinstance(
-            layer._softmax, Softmax
-        ):
-            old = layer._softmax
-            with tracking_unlocked(layer):
-                layer._softmax = Softmax(axis=old.axis, dtype=old.dtype_policy, name=old.name)
-            if old in layer._layers:  # untrack the replaced softmax (no weights)
-                layer._layers.remove(old)
+    for layer in flatten_layers(model, include_self=True):
+        if not isinstance(layer, keras.layers.MultiHeadAttention) or is_hardened(layer):
+            continue
+        old = layer._softmax  # Keras 3.15.1's softmax sublayer
+        if not isinstance(old, Softmax):
+            replace_sublayer(layer, "_softmax",
+                             Softmax(axis=old.axis, dtype=old.dtype_policy, name=old.name))
+        with tracking_unlocked(layer):
+            layer._compute_attention = types.MethodType(float32_attention, layer)
     if float32_residual:
         stream = ("embeddings_add", "embeddings_dropout", "layer_norm")
         if not hasattr(backbone, "transformer_layers") or not all(
             hasattr(backbone, n) for n in stream
         ):
-            raise ValueError(
+            raise UserError(
                 "harden(float32_residual=True) needs a keras-hub GPT-2 style backbone (with "
                 f"transformer_layers, {', '.join(stream)}). Received: {type(model).__name__}."
             )
-        blocks = list(backbone.transformer_layers)
-        # keras-hub adds residuals with a bare `x + residual`, so the dropouts that feed those
-        # additions must also return float32.
-        dropouts = [d for b in blocks for d in b._layers if isinstance(d, keras.layers.Dropout)]
-        for layer in [getattr(backbone, n) for n in stream] + blocks + dropouts:
-            layer.dtype_policy = "float32"
+        set_float32_residual(backbone)
+        if hasattr(backbone, "float32_residual"):  # a backbone that saves the option
+            backbone.float32_residual = True
     return model
+
+
+def set_float32_residual(backbone):
+    """Makes a keras-hub GPT-2 style backbone's residual stream float32 (see `harden`)."""
+    blocks = list(backbone.transformer_layers)
+    # keras-hub adds residuals with a bare `x + residual`, so the dropouts that feed those
+    # additions must also return float32.
+    dropouts = [d for b in blocks for d in flatten_layers(b, recursive=False)
+                if isinstance(d, keras.layers.Dropout)]
+    stream = [backbone.embeddings_add, backbone.embeddings_dropout, backbone.layer_norm]
+    for layer in stream + blocks + dropouts:
+        layer.dtype_policy = "float32"

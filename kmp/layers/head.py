@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kmp.errors import UserError
+
 PROJECTIONS = ("compute", "float32")
 
 
@@ -36,7 +38,7 @@ class LMHead(keras.layers.Layer):
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if projection not in PROJECTIONS:
-            raise ValueError(
+            raise UserError(
                 f"LMHead: unknown projection {projection!r}. Use one of: {', '.join(PROJECTIONS)}."
             )
         self.vocabulary_size = vocabulary_size

@@ -7,6 +7,11 @@ are `train_on_batch` calls on batches from the token cache (the input pipeline i
 the recipe's Throughput callback measures it with the model). A run's step time is the median
 over its chunks of the mean step time in the chunk. `benchmark` gives ratios to float32 with
 the same XLA setting; `overhead` gives the kmp path's ratio to plain Keras.
+
+The steps are real training: every run starts from the same initial weights, reads the same
+batches in the same order, and trains without learning-rate warm-up, so its loss must fall
+from the first step to the last and the runs' final losses must agree (`check_losses`); a run
+that computes wrongly shows there, not only a slow one.
 """
 
 from __future__ import annotations
@@ -14,18 +19,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import resource
 import statistics
 import time
 
 import keras
+import numpy as np
 
+from kmp import backends
+from kmp.callbacks import PrecisionMonitor
+from kmp.errors import UserError
 from kmp.gpt import data
 from kmp.gpt.config import GPTConfig
 from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
 from kmp.hardware import detect, peak_flops
 from kmp.policy import POLICIES
 from kmp.policy import plan as make_plan
+from kmp.training import compile as kmp_compile
 
 
 @dataclasses.dataclass
@@ -37,6 +48,7 @@ class Run:
     jit: bool
     path: str = "kmp"  # or "keras": plain model.compile
     step_seconds: list = dataclasses.field(default_factory=list)  # per chunk, per step
+    first_loss: float | None = None
     final_loss: float | None = None
     peak_memory: int | None = None
     memory_kind: str = ""
@@ -53,8 +65,8 @@ class Run:
                 "median_step_ms": 1000 * self.median_step, "tokens_per_sec": self.tokens_per_sec,
                 "mfu": self.mfu, "peak_memory_mib": (self.peak_memory / 2**20
                                                      if self.peak_memory else None),
-                "memory_kind": self.memory_kind, "final_loss": self.final_loss,
-                "ratio": self.ratio}
+                "memory_kind": self.memory_kind, "first_loss": self.first_loss,
+                "final_loss": self.final_loss, "ratio": self.ratio}
 
 
 def _runs(policies, xla) -> list[Run]:
@@ -66,36 +78,43 @@ def _runs(policies, xla) -> list[Run]:
                             p.policy, p.jit_compile))
             continue
         if name not in POLICIES:
-            raise ValueError(f"Unknown policy {name!r}. Use some of: auto, {', '.join(POLICIES)}.")
+            raise UserError(f"Unknown policy {name!r}. Use some of: auto, {', '.join(POLICIES)}.",
+                            field="policies")
         for jit in xla:
             runs.append(Run(f"{name}, XLA {'on' if jit else 'off'}", name, jit))
     return runs
 
 
+def _itemsize(dtype) -> int:
+    bits = re.search(r"\d+", keras.backend.standardize_dtype(dtype))
+    return int(bits.group()) // 8 if bits else 1  # bool
+
+
 def state_bytes(model) -> int:
     """Bytes of a model's variables and its optimizer's (what it keeps on the device between
     steps)."""
-    import tensorflow as tf
-
     seen, total = set(), 0
     for v in [*model.variables, *getattr(model.optimizer, "variables", [])]:
         if id(v) not in seen:
             seen.add(id(v))
-            total += math.prod(v.shape) * tf.as_dtype(v.dtype).size
+            total += math.prod(v.shape) * _itemsize(v.dtype)
     return total
 
 
-def _gpu_memory(reset: bool):
-    """Bytes in use on GPU:0 after resetting its peak (reset=True), or its peak since then;
-    None without a GPU."""
-    import tensorflow as tf
-
-    if not tf.config.list_physical_devices("GPU"):
-        return None
-    if reset:
-        tf.config.experimental.reset_memory_stats("GPU:0")
-        return tf.config.experimental.get_memory_info("GPU:0")["current"]
-    return tf.config.experimental.get_memory_info("GPU:0")["peak"]
+def check_losses(runs: list[Run], tolerance: float = 0.02) -> list[str]:
+    """What is wrong with the runs' losses: a run whose loss did not fall, or whose final loss
+    is more than `tolerance` (relative) from the float32 runs' mean. Empty when all is well."""
+    problems = [f"{r.label}: the loss did not fall ({r.first_loss:.4f} -> {r.final_loss:.4f})"
+                for r in runs if not r.final_loss < r.first_loss]
+    base = [r.final_loss for r in runs if r.policy == "float32"]
+    if base:
+        ref = sum(base) / len(base)
+        for r in runs:
+            off = abs(r.final_loss / ref - 1)
+            if not off <= tolerance:
+                problems.append(f"{r.label}: final loss {r.final_loss:.4f} is {off:.1%} from "
+                                f"float32's {ref:.4f} (tolerance {tolerance:.0%})")
+    return problems
 
 
 def benchmark(config: GPTConfig, policies=("float32", "mixed_float16", "mixed_bfloat16", "auto"),
@@ -141,11 +160,9 @@ def overhead(config: GPTConfig, policy="auto", chunk=10, repeats=3, warmup=3,
 
 
 def _build(config, run):
-    from kmp import compile as kmp_compile
-    from kmp.callbacks import PrecisionMonitor
-
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(run.policy)  # layers keep the policy they were built with
+    config = dataclasses.replace(config, warmup_steps=0)  # every benchmarked step trains
     try:
         keras.utils.set_random_seed(config.seed)
         model = build_model(config)
@@ -163,15 +180,13 @@ def _build(config, run):
 
 
 def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
-    import tensorflow as tf
-
     cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir, log=log)
     built, next_batch = [], [0] * len(runs)
-    gpu = bool(tf.config.list_physical_devices("GPU"))
+    gpu = backends.gpu_memory() is not None
     for i, run in enumerate(runs):
         built.append(_build(config, run))
         t = time.perf_counter()
-        _fit(*built[i], cache, config, next_batch, i, 1)
+        run.first_loss = _fit(*built[i], cache, config, next_batch, i, 1)
         log(f"bench: {run.label}: first step (compilation) {time.perf_counter() - t:.1f} s")
         if not gpu:
             run.peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -183,15 +198,20 @@ def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
     for r in range(repeats):
         for k in range(len(runs)):
             i = (k + r) % len(runs)
-            before = _gpu_memory(reset=True)
+            before = backends.gpu_memory(reset=True)
             t = time.perf_counter()
             loss = _fit(*built[i], cache, config, next_batch, i, chunk)
             runs[i].step_seconds.append((time.perf_counter() - t) / chunk)
             runs[i].final_loss = loss
-            if before is not None:  # the other models' variables stay resident: leave them out
-                own = _gpu_memory(reset=False) - before + state_bytes(built[i][0])
+            if before is not None and before["resettable"]:
+                # the other models' variables stay resident: leave them out
+                own = (backends.gpu_memory()["peak"] - before["current"]
+                       + state_bytes(built[i][0]))
                 runs[i].peak_memory = max(runs[i].peak_memory or 0, own)
                 runs[i].memory_kind = "GPU peak (this model's)"
+            elif before is not None:  # JAX: the device's peak since the process started
+                runs[i].peak_memory = backends.gpu_memory()["peak"]
+                runs[i].memory_kind = "GPU peak of the process so far (all runs)"
             progress.add(1)
     tokens = config.batch_size * config.seq_len
     fpt = flops_per_token(config)
@@ -205,17 +225,14 @@ def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
 
 def _fit(model, callbacks, cache, config, next_batch, i, steps) -> float:
     """Trains `steps` batches with train_on_batch (each returns its loss: a sync per step)."""
-    import tensorflow as tf
-
     loss = None
     for _ in range(steps):
         x, y = data.window_batch(cache.train, config.seq_len, config.batch_size, config.seed,
                                  next_batch[i])
         next_batch[i] += 1
-        x = tf.constant(x)
         model.reset_metrics()  # so the logged loss is this batch's, not a running mean
-        logs = model.train_on_batch({"token_ids": x, "padding_mask": tf.ones_like(x)},
-                                    tf.constant(y), return_dict=True)
+        logs = model.train_on_batch({"token_ids": x, "padding_mask": np.ones_like(x)}, y,
+                                    return_dict=True)
         for callback in callbacks:
             callback.on_train_batch_end(next_batch[i], logs)
         loss = float(logs["loss"])
@@ -225,15 +242,15 @@ def _fit(model, callbacks, cache, config, next_batch, i, steps) -> float:
 def to_markdown(runs: list[Run], title: str, baseline: str = "float32") -> str:
     """The runs as a Markdown table; the last column is the ratio to `baseline`."""
     lines = [f"**{title}**", "",
-             "| run | median step (ms) | tokens/s | MFU | peak memory (MiB) | final loss |"
-             f" vs {baseline} |", "|---|---|---|---|---|---|---|"]
+             "| run | median step (ms) | tokens/s | MFU | peak memory (MiB) | loss, first -> "
+             f"last step | vs {baseline} |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         row = run.row()
         mem = f"{row['peak_memory_mib']:,.0f}" if row["peak_memory_mib"] else "-"
         mfu = f"{run.mfu:.1%}" if run.mfu is not None else "-"
         ratio = f"{run.ratio:.2f}x" if run.ratio is not None else "-"
         lines.append(f"| {run.label} | {row['median_step_ms']:.0f} | {run.tokens_per_sec:,.0f} | "
-                     f"{mfu} | {mem} | {run.final_loss:.3f} | {ratio} |")
+                     f"{mfu} | {mem} | {run.first_loss:.3f} -> {run.final_loss:.3f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -1,12 +1,18 @@
 """Fault injection: make chosen training steps produce inf/NaN gradients, on chosen replicas.
 
-For tests, and for users who want to see their setup survive an overflow storm before a long run
-does it for them. TensorFlow backend (the poison is a `tf.custom_gradient`).
+For rehearsing failures: users who want to see their setup survive an overflow storm before a
+long run does it for them, and kmp's own tests. Runs on every backend: the poison is an
+`ops.custom_gradient` whose switch is set between steps and read inside the compiled step
+(`kmp.backends.switch`).
 """
 
 from __future__ import annotations
 
 import keras
+from keras import ops
+
+from kmp import backends
+from kmp.errors import UserError
 
 KINDS = ("inf", "nan")
 
@@ -24,7 +30,8 @@ class FaultInjector(keras.callbacks.Callback):
         steps: iterable of int, callable (int -> bool), or "all". Steps to poison.
         kind: str. "inf" or "nan". Defaults to "inf".
         replicas: iterable of int or None. Replica ids (`replica_id_in_sync_group`) to
-            poison under a `tf.distribute` strategy. Defaults to None: all.
+            poison under a `tf.distribute` strategy (TensorFlow backend; on JAX, put the
+            overflow into one device's shard of the data instead). Defaults to None: all.
 
     Example:
     >>> faults = FaultInjector(steps=[3, 4], kind="nan")
@@ -35,7 +42,9 @@ class FaultInjector(keras.callbacks.Callback):
     def __init__(self, steps, kind="inf", replicas=None):
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"Unknown fault kind {kind!r}. Use one of: {', '.join(KINDS)}.")
+            raise UserError(f"Unknown fault kind {kind!r}. Use one of: {', '.join(KINDS)}.")
+        if replicas is not None:
+            backends.require("FaultInjector(replicas=...)", "tensorflow")
         if steps == "all":
             self._hit = lambda step: True
         elif callable(steps):
@@ -51,32 +60,27 @@ class FaultInjector(keras.callbacks.Callback):
 
     def _flag(self):
         if self._armed is None:
-            import tensorflow as tf
-
-            with tf.init_scope():
-                self._armed = tf.Variable(False, trainable=False, name="kmp_fault_armed")
+            self._armed = backends.switch(False)
         return self._armed
 
     def wrap(self, loss):
         """Returns `loss` (a Keras loss name, object or function) with the poison attached."""
-        import tensorflow as tf
-
         loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
         armed = self._flag()
         bad = float("inf") if self.kind == "inf" else float("nan")
         replicas = self.replicas
 
-        @tf.custom_gradient
+        @ops.custom_gradient
         def poison(value):
-            def grad(upstream):
-                hit = armed.read_value()
+            def grad(*args, upstream=None):
+                upstream = args[0] if upstream is None else upstream
+                hit = armed.read()
                 if replicas is not None:
-                    ctx = tf.distribute.get_replica_context()
-                    rid = ctx.replica_id_in_sync_group if ctx is not None else 0
-                    hit = tf.logical_and(hit, tf.reduce_any(tf.equal(rid, replicas)))
-                return upstream * tf.where(hit, tf.constant(bad, upstream.dtype),
-                                           tf.constant(1.0, upstream.dtype))
-            return tf.identity(value), grad
+                    rid = backends.replica_id()
+                    hit = ops.logical_and(hit, ops.any(ops.equal(rid, ops.array(replicas))))
+                return upstream * ops.where(hit, ops.cast(bad, upstream.dtype),
+                                            ops.cast(1.0, upstream.dtype))
+            return ops.multiply(value, 1.0), grad
 
         def poisoned_loss(y_true, y_pred):
             return poison(loss_fn(y_true, y_pred))
@@ -86,7 +90,7 @@ class FaultInjector(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         hit = bool(self._hit(self.step))
-        self._flag().assign(hit)
+        self._flag().set(hit)
         if hit:
             self.poisoned.append(self.step)
 
@@ -94,4 +98,4 @@ class FaultInjector(keras.callbacks.Callback):
         self.step += 1
 
     def on_train_end(self, logs=None):
-        self._flag().assign(False)
+        self._flag().set(False)

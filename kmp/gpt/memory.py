@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from kmp.errors import UserError
 from kmp.gpt.config import GPTConfig
 from kmp.gpt.model import param_count
 from kmp.policy import POLICIES
@@ -50,7 +51,7 @@ def estimate_memory(config: GPTConfig, policy: str = "mixed_bfloat16") -> Memory
         policy: str. "float32", "mixed_float16" or "mixed_bfloat16".
 
     Raises:
-        ValueError: for an unknown policy.
+        UserError: for an unknown policy.
 
     Example:
     >>> from kmp.gpt.config import preset
@@ -59,7 +60,7 @@ def estimate_memory(config: GPTConfig, policy: str = "mixed_bfloat16") -> Memory
     475
     """
     if policy not in POLICIES:
-        raise ValueError(f"Unknown policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
+        raise UserError(f"Unknown policy {policy!r}. Use one of: {', '.join(POLICIES)}.")
     n = param_count(config)
     s, b, h = config.seq_len, config.batch_size, config.hidden_dim
     a, layers, vocab = config.num_heads, config.num_layers, config.vocab_size

@@ -1,0 +1,105 @@
+"""The backend seam on JAX (see kmp.backends)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import keras
+import numpy as np
+
+
+def version() -> str:
+    return jax.__version__
+
+
+def accelerator():
+    for platform in ("gpu", "tpu"):
+        try:
+            devices = jax.devices(platform)
+        except RuntimeError:  # no backend for that platform
+            continue
+        if devices:
+            cc = getattr(devices[0], "compute_capability", None)
+            if isinstance(cc, str) and "." in cc:
+                cc = tuple(int(p) for p in cc.split(".")[:2])
+            return {"kind": platform, "name": devices[0].device_kind,
+                    "compute_capability": cc if platform == "gpu" else None,
+                    "count": len(devices)}
+    return None
+
+
+def in_compiled_function(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def jit(fn):
+    return jax.jit(fn)
+
+
+def sync_state(model):
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
+
+
+def forward_backward(model, forward, loss_scale):
+    from keras import StatelessScope
+
+    _, shapes = forward(None)  # an eager pass for the outputs' shapes and dtypes
+    probes = [jax.numpy.zeros(t.shape, t.dtype) for _, t in shapes]
+    variables = model.trainable_variables
+    values = [v.value for v in variables]
+
+    def scaled_loss(values, probes):
+        with StatelessScope(state_mapping=list(zip(variables, values))):
+            loss, outputs = forward(probes)
+        return loss * loss_scale, (loss, [t for _, t in outputs])
+
+    (var_grads, grads), (loss, outputs) = jax.grad(scaled_loss, argnums=(0, 1), has_aux=True)(
+        values, probes)
+    return loss, [(layer, t) for (layer, _), t in zip(shapes, outputs)], grads, var_grads
+
+
+def gpu_memory(reset):
+    try:
+        device = jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+    stats = device.memory_stats() or {}
+    return {"current": stats.get("bytes_in_use"), "peak": stats.get("peak_bytes_in_use"),
+            "resettable": False}
+
+
+class Switch:
+    """A Python flag that a compiled step reads at run time through a host callback."""
+
+    def __init__(self, initial):
+        self.value = bool(initial)
+
+    def set(self, value):
+        self.value = bool(value)
+
+    def read(self):
+        from jax.experimental import io_callback
+
+        return io_callback(lambda: np.asarray(self.value), jax.ShapeDtypeStruct((), np.bool_),
+                           ordered=False)
+
+
+def replica_id():
+    return 0
+
+
+@contextlib.contextmanager
+def distribution(kind, devices=None):
+    if kind != "mirrored":
+        yield 1
+        return
+    devices = devices or jax.devices()
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    try:
+        yield len(devices)
+    finally:
+        keras.distribution.set_distribution(previous)

@@ -1,0 +1,125 @@
+"""Where attention probabilities are really computed: a measurement, not a reading of flags.
+
+A MultiHeadAttention may take Keras's fused `ops.dot_product_attention` (dropout 0: each
+backend's kernel decides the precision of scores and softmax), Keras's explicit path (softmax
+in the compute dtype), or kmp's float32 island (`kmp.harden`). `attention_precision` calls each
+attention layer's own attention computation with a query and key drawn at random and with
+values that are one-hot over the key positions, so the layer's output is exactly its
+probability matrix, rounded to the compute dtype. Against a float64 softmax of the same
+(half-precision) query and key, probabilities computed in float32 are off by at most half a
+unit in the last place (ulp) of the compute dtype, the rounding of the result itself; scores
+or a softmax rounded to the compute dtype on the way show as errors of several ulps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kmp._keras import layer_paths, walk
+from kmp.layers.harden import is_hardened
+
+# Float32 scores and softmax give at most 0.5 ulp (the final rounding) plus float32 error
+# (2^-24 relative, negligible against half-precision ulps); 1 ulp leaves room for that.
+FLOAT32_ULPS = 1.0
+_MANTISSA = {"float16": 10, "bfloat16": 7, "float32": 23}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPrecision:
+    """One attention layer: the path it takes and the measured error of its probabilities."""
+
+    path: str
+    compute_dtype: str
+    route: str  # "kmp float32 island", "Keras fused dot_product_attention", "Keras softmax"
+    max_ulps: float  # worst error in ulps of the compute dtype
+    median_ulps: float
+
+    @property
+    def float32(self) -> bool:
+        """True when the probabilities are computed in float32 (within `FLOAT32_ULPS`)."""
+        return self.max_ulps <= FLOAT32_ULPS
+
+    def __str__(self):
+        verdict = ("float32 scores and softmax" if self.float32 else
+                   f"not float32: rounded to {self.compute_dtype} before or inside the softmax")
+        return (f"{self.path}: {self.route}, {self.compute_dtype}: max {self.max_ulps:.2f} ulp, "
+                f"median {self.median_ulps:.2f} ulp -> {verdict}")
+
+
+def _route(layer) -> str:
+    if is_hardened(layer):
+        return "kmp float32 island"
+    return "Keras softmax" if layer._dropout > 0 else "Keras fused dot_product_attention"
+
+
+def _probe(layer, seq_len: int, rng) -> tuple[float, float]:
+    dtype = layer.compute_dtype
+    heads, width = layer.num_heads, layer.key_dim
+    seq_len = -(-seq_len // width) * width
+    # Scores with a spread of about 3 over long rows: many probabilities of similar size.
+    q = (rng.normal(size=(1, seq_len, heads, width)) * 3.0).astype("float32")
+    k = rng.normal(size=(1, seq_len, heads, width)).astype("float32")
+    q, k = (keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(t, dtype), "float32"))
+            for t in (q, k))
+    causal = np.tril(np.ones((seq_len, seq_len), bool))[None]
+    mask = keras.ops.convert_to_tensor(causal)
+    probs = np.zeros((heads, seq_len, seq_len))
+    # Values one-hot over `width` key positions at a time (fused kernels want the values as
+    # wide as the keys): each call returns that block of columns of the probability matrix.
+    for start in range(0, seq_len, width):
+        v = np.zeros((1, seq_len, heads, width), "float32")
+        v[0, start + np.arange(width), :, np.arange(width)] = 1.0
+        out, _ = layer._compute_attention(*(keras.ops.cast(t, dtype) for t in (q, k, v)),
+                                          attention_mask=mask, training=False)
+        block = keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))[0]  # (T, N, w)
+        probs[:, :, start:start + width] = block.transpose(1, 0, 2)
+    scores = np.einsum("tnh,snh->nts", q[0].astype(np.float64), k[0].astype(np.float64))
+    scores = np.where(causal, scores * float(layer._inverse_sqrt_key_dim), -np.inf)
+    exact = np.exp(scores - scores.max(-1, keepdims=True))
+    exact /= exact.sum(-1, keepdims=True)
+    tiny = np.finfo(np.float16).tiny if dtype == "float16" else 2.0**-126
+    keep = exact >= tiny  # normal numbers of the compute dtype
+    ulp = 2.0 ** (np.floor(np.log2(exact[keep])) - _MANTISSA[dtype])
+    ulps = np.abs(probs[keep] - exact[keep]) / ulp
+    return float(ulps.max()), float(np.median(ulps))
+
+
+def attention_precision(model, seq_len: int = 256, seed: int = 0) -> list[AttentionPrecision]:
+    """Measures, for every MultiHeadAttention in `model`, how precisely its own attention
+    computation (fused kernel, explicit softmax or kmp island) produces probabilities.
+
+    Args:
+        model: keras.Model or layer, built, holding MultiHeadAttention layers (keras-hub's
+            cached attention included).
+        seq_len: int. Query and key length of the probe (a causal mask is applied).
+            Defaults to 256.
+        seed: int. Seed of the random query and key. Defaults to 0.
+
+    Returns:
+        One `AttentionPrecision` per attention layer, in model order.
+
+    Example:
+    >>> mha = keras.layers.MultiHeadAttention(2, 8, dtype="mixed_float16")
+    >>> x = np.ones((1, 4, 16), "float32")
+    >>> _ = mha(x, x)
+    >>> kmp.harden(mha)  # doctest: +ELLIPSIS
+    <MultiHeadAttention ...>
+    >>> attention_precision(mha, seq_len=64)[0].float32
+    True
+    """
+    rng = np.random.default_rng(seed)
+    found = [(p, layer) for p, layer in walk(model)]
+    if isinstance(model, keras.layers.MultiHeadAttention):
+        found.insert(0, (model.name, model))
+    paths = layer_paths(model)
+    rows = []
+    for path, layer in found:
+        if not isinstance(layer, keras.layers.MultiHeadAttention) or not layer.built:
+            continue
+        worst, median = _probe(layer, seq_len, rng)
+        rows.append(AttentionPrecision(paths.get(id(layer), path), layer.compute_dtype,
+                                       _route(layer), worst, median))
+    return rows

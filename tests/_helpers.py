@@ -1,0 +1,30 @@
+"""Gradients for tests, on any Keras backend (through kmp's backend seam)."""
+
+import keras
+
+from kmp import backends
+
+
+class _Holder(keras.layers.Layer):
+    """Holds `x` as a variable (so it can be differentiated) and tracks `layers`."""
+
+    def __init__(self, x, layers=()):
+        super().__init__(dtype="float32")
+        self.x = self.add_weight(x.shape, keras.initializers.Constant(x), dtype=str(x.dtype),
+                                 name="x")
+        self.held = list(layers)
+
+
+def value_and_grads(fn, x, layers=()):
+    """fn(x) -> scalar tensor. Returns (value, [d value / d x] + the gradients of each layer's
+    trainable variables in `layers`), as numpy arrays."""
+    holder = _Holder(x, layers)
+    wanted = [holder.x] + [v for layer in layers for v in layer.trainable_variables]
+
+    def forward(probes):
+        return fn(keras.ops.convert_to_tensor(holder.x)), []
+
+    value, _, _, grads = backends.forward_backward(holder, forward, 1.0)
+    by_id = dict(zip(map(id, holder.trainable_variables), grads))
+    return (keras.ops.convert_to_numpy(value),
+            [keras.ops.convert_to_numpy(by_id[id(v)]) for v in wanted])
