@@ -102,6 +102,7 @@ def _pretrain(args, rest) -> int:
 
 
 def _bench(args, rest) -> int:
+    import json
     from pathlib import Path
 
     from kmp.gpt import bench
@@ -120,8 +121,30 @@ def _bench(args, rest) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
     parser.add_argument("--overhead", nargs="?", const="auto", metavar="POLICY",
                         help="instead: plain Keras against the kmp path under POLICY (auto)")
+    parser.add_argument("--backends", metavar="B[:POLICY[:on|off]],...",
+                        help="instead: one setting per Keras backend, each in its own process, "
+                        "taking turns for --rounds rounds (e.g. tensorflow,jax,torch; the "
+                        "policy defaults to that backend's auto)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per backend (--backends)")
+    parser.add_argument("--peer", choices=("torch",), help="also train a PyTorch reference of "
+                        "the same shape (autocast, GradScaler, torch.compile where XLA is on) in "
+                        "the same process on the same batches, and give kmp's speed over it")
     opts = parser.parse_args(rest)
     config = from_args(opts)
+    if opts.backends:
+        runs = bench.parse_backend_runs(opts.backends)
+        passed = _without(rest, ("--backends", "--rounds", "--repeats", "--policies", "--xla",
+                                 "--out"))
+        out = Path(config.out).expanduser()
+        rows = bench.compare_backends(passed, runs, opts.rounds, out)
+        table = bench.backends_markdown(rows, f"{config.preset}: batch {config.batch_size} x "
+                                        f"{config.seq_len} tokens, {opts.rounds} rounds")
+        print("\n" + table)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "backends.json").write_text(json.dumps(rows, indent=2))
+        (out / "backends.md").write_text(table + "\n")
+        print(f"\nwritten: {out / 'backends.json'}, {out / 'backends.md'}")
+        return 0
     xla = []
     for word in opts.xla.split(","):
         if word not in ("on", "off"):
@@ -136,7 +159,7 @@ def _bench(args, rest) -> int:
         name, baseline = "overhead", "plain Keras"
     else:
         runs = bench.benchmark(config, opts.policies.split(","), xla, opts.chunk, opts.repeats,
-                               opts.warmup)
+                               opts.warmup, peer=opts.peer)
         name, baseline = "bench", "float32"
     from kmp.hardware import detect
 
@@ -146,7 +169,13 @@ def _bench(args, rest) -> int:
     table = bench.to_markdown(runs, title, baseline)
     problems = bench.check_losses(runs)
     table += "".join(f"\n\nwarning: {p}" for p in problems) or (
-        "\n\nEvery run's loss fell, and the final losses agree with float32's within 2%.")
+        "\n\nEvery run's loss fell, and kmp's final losses agree with float32's within 2%.")
+    ratios = bench.peer_ratios(runs)
+    if ratios:
+        table += ("\n\n| precision | kmp (fastest) | tokens/s | peer (fastest) | tokens/s | "
+                  "kmp / peer |\n|---|---|---|---|---|---|\n" + "\n".join(
+                      f"| {p} | {a.label} | {a.tokens_per_sec:,.0f} | {b.label} | "
+                      f"{b.tokens_per_sec:,.0f} | {q:.2f}x |" for p, a, b, q in ratios))
     print("\n" + table)
     out = Path(config.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +183,19 @@ def _bench(args, rest) -> int:
     (out / f"{name}.md").write_text(table + "\n")
     print(f"\nwritten: {out / (name + '.json')}, {out / (name + '.md')}")
     return 0
+
+
+def _without(argv: list[str], names) -> list[str]:
+    """argv without the options in `names` and their values (`--x v` or `--x=v`)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in names:
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
 
 
 def _memory(args, rest) -> int:
@@ -262,6 +304,10 @@ def _diagnose(command, rest) -> int:
           f"{config.seq_len} tokens from {config.corpus} (plan: {plan.policy})\n")
     if command == "audit":
         print(diagnostics.audit(model, x))
+        print("\nattention probabilities, measured against a float64 softmax (ulp: unit in the "
+              "last place of the compute dtype):")
+        for row in diagnostics.attention_precision(model):
+            print(f"  {row}")
     elif command == "parity":
         print(diagnostics.parity_check(model, x, targets, tolerance=opts.tolerance,
                                        loss_scale=opts.loss_scale))

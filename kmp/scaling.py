@@ -222,12 +222,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         tvs = list(trainable_variables) if trainable_variables is not None else None
         grads = list(grads)
         flags = self._nonfinite_flags(grads, tvs or self._trainable_variables)
-        if keras.backend.backend() == "tensorflow":
-            self._tf_apply_kmp(flags, grads, tvs)
-        elif keras.backend.backend() == "jax":  # JAX arrays are immutable: one pure step
-            self._assign_stateless(grads, tvs or self._trainable_variables)
-        else:
-            self._apply_and_update(flags, self._local_grad_norm(grads), grads, tvs)
+        backends.apply_scaled(self, flags, grads, tvs)
         self._step_state = {key: getattr(self, name).value
                             for key, name in STATE_VARIABLES.items()}
         # Eagerly, enforce the budget here. Inside a compiled step a host check would cost a sync
@@ -237,7 +232,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             self.check_skip_budget()
 
     def _assign_stateless(self, grads, tvs):
-        """A stateful step on JAX: the pure step, compiled once, then assigned."""
+        """A stateful step as the pure step, compiled once, then assigned (JAX)."""
         order = {id(v): i for i, v in enumerate(tvs)}
         ordered = [grads[order[id(v)]] if id(v) in order else None
                    for v in self._trainable_variables]
@@ -275,7 +270,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.inner_optimizer.apply(unscaled, trainable_variables=tvs)
 
     def _apply_and_update(self, flags, grad_norm, grads, tvs):
-        """Applies the step if every flag is 0, then updates the scaler state (one context)."""
+        """Applies the step if every flag is 0, then updates the scaler state (one context;
+        the flags are this replica's, or already all-reduced across replicas)."""
         finite = ops.equal(ops.sum(flags), 0)
         ops.cond(finite, lambda: self._apply_finite(grads, tvs), lambda: None)
         self._update_state(finite, flags, grad_norm)
@@ -301,40 +297,6 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.consecutive_skips.assign((self.consecutive_skips.value + as_int) * as_int)
         self.nonfinite_counts.assign(ops.where(skipped, flags, self.nonfinite_counts.value))
         self.grad_norm.assign(ops.where(finite, grad_norm, self.grad_norm.value))
-
-    def _tf_apply_kmp(self, flags, grads, tvs):
-        import tensorflow as tf
-
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None:
-            raise RuntimeError("kmp.LossScaleOptimizer.apply() must be called in a replica "
-                               "context (inside strategy.run), as Keras's own apply.")
-        # The one fix that matters across replicas: decide on the all-reduced flags, so every
-        # replica skips when any replica saw an inf/NaN (Keras decides on replica 0's flags).
-        if ctx.num_replicas_in_sync > 1:
-            flags = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flags)
-        grad_norm = self._local_grad_norm(grads)
-
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            self._apply_and_update(flags, grad_norm, grads, tvs)
-        else:
-            finite = tf.equal(tf.reduce_sum(flags), 0)
-
-            def cross_replica(distribution, finite, flags, grad_norm, grads, tvs):
-                first = distribution.experimental_local_results
-
-                def apply_fn():
-                    distribution.extended.call_for_each_replica(
-                        self._apply_finite, args=(grads, tvs)
-                    )
-                    return tf.no_op()
-
-                # A cond in cross-replica context: the inner apply calls merge_call itself.
-                finite0 = first(finite)[0]
-                tf.cond(finite0, apply_fn, tf.no_op)
-                self._update_state(finite0, first(flags)[0], first(grad_norm)[0])
-
-            ctx.merge_call(cross_replica, args=(finite, flags, grad_norm, grads, tvs))
 
     # ----------------------------------------------------------------- from Python
     @property

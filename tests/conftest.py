@@ -16,7 +16,6 @@ if BACKEND == "jax":  # two CPU devices for keras.distribution tests
                                + " --xla_force_host_platform_device_count=2").strip()
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 if BACKEND == "tensorflow":
@@ -25,6 +24,10 @@ if BACKEND == "tensorflow":
     _cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(_cpu,
                                                [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+# The regeneration scripts in data/ run when imported: --doctest-modules must not import them.
+collect_ignore_glob = ["data/*.py"]
 
 
 def pytest_addoption(parser):
@@ -41,14 +44,6 @@ _RELIABILITY = []  # (test id, fault or input, what happened), in test order
 def reliability(request):
     """Call with (fault, outcome) once the test has checked the outcome."""
     return lambda fault, outcome: _RELIABILITY.append((request.node.nodeid, fault, outcome))
-
-
-@pytest.fixture(autouse=True)
-def doctest_names(doctest_namespace):
-    """What every docstring example may use without importing it."""
-    import kmp
-
-    doctest_namespace.update(keras=keras, np=np, kmp=kmp)
 
 
 @pytest.fixture
@@ -85,11 +80,11 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under jax/torch keep only the backend-neutral tests (marked `backends`, docstring
-    examples excluded: their printed reprs are TensorFlow's); skip slow tests unless asked."""
+    """Under jax/torch keep only the backend-neutral tests (marked `backends`, and the
+    docstring examples); skip slow tests unless asked."""
     if BACKEND != "tensorflow":
-        keep = [i for i in items if "backends" in i.keywords and "tensorflow" not in i.keywords
-                and not isinstance(i, pytest.DoctestItem)]
+        keep = [i for i in items if isinstance(i, pytest.DoctestItem)
+                or ("backends" in i.keywords and "tensorflow" not in i.keywords)]
         dropped = [i for i in items if i not in keep]
         if dropped:
             config.hook.pytest_deselected(items=dropped)

@@ -7,7 +7,7 @@ import pytest
 from _helpers import value_and_grads
 
 import kmp
-from kmp.gpt import NextTokenCrossentropy, build_model, load_model, lm_loss, preset
+from kmp.gpt import NextTokenCrossentropy, build_model, lm_loss, load_model, preset
 
 pytestmark = pytest.mark.backends
 REFERENCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -69,8 +69,8 @@ def test_same_under_xla_and_serializable():
 
 
 
-@pytest.mark.parametrize("kind, loss_type", [("cpu", NextTokenCrossentropy),
-                                             ("gpu:9.0", keras.losses.SparseCategoricalCrossentropy)])
+@pytest.mark.parametrize("kind, loss_type", [
+    ("cpu", NextTokenCrossentropy), ("gpu:9.0", keras.losses.SparseCategoricalCrossentropy)])
 def test_lm_loss_picks_by_hardware(fake_hardware, kind, loss_type):
     fake_hardware(kind)
     assert isinstance(lm_loss(), loss_type)

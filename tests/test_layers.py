@@ -2,11 +2,11 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+from _helpers import value_and_grads
 
 from kmp import layers as L
 from kmp._keras import recorded_outputs
 from kmp.diagnostics import attention_precision
-from _helpers import value_and_grads
 
 pytestmark = pytest.mark.backends
 

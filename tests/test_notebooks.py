@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
-PUBLIC = {"kmp", "kmp.diagnostics", "kmp.gpt", "kmp.testing"}
+PUBLIC = {"kmp", "kmp.diagnostics", "kmp.gpt", "kmp.faults"}
 
 
 def _code(path):

@@ -2,6 +2,7 @@
 resume, and bad input. Each test adds its rows to docs/reliability.md (see conftest.py)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 
 import kmp
+from kmp import backends
 from kmp.callbacks import PrecisionMonitor
+from kmp.faults import FaultInjector
 from kmp.scaling import NonFiniteGradientsError
-from kmp.testing import FaultInjector
 
 DATA = Path(__file__).parent / "data"
 
@@ -38,6 +40,10 @@ def _storm_model(faults=None, min_scale=2.0**10, budget=100):
     return model, opt
 
 
+def _np(v):
+    return keras.ops.convert_to_numpy(v)
+
+
 class Watch(keras.callbacks.Callback):
     """After every batch: are the weights finite, and where is the loss scale."""
 
@@ -46,34 +52,47 @@ class Watch(keras.callbacks.Callback):
         self.finite, self.scales = [], []
 
     def on_train_batch_end(self, batch, logs=None):
-        self.finite.append(all(np.isfinite(v.numpy()).all() for v in self.model.weights))
+        backends.sync_state(self.model)  # JAX's fit holds the weights outside the variables
+        self.finite.append(all(np.isfinite(_np(v)).all() for v in self.model.weights))
         self.scales.append(self.model.optimizer.loss_scale)
 
 
+class Repeat(keras.utils.PyDataset):
+    """`steps` batches of 32, cycling through (x, y)."""
+
+    def __init__(self, x, y, steps):
+        super().__init__()
+        self.x, self.y, self.steps = x, y, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, i):
+        rows = slice((i * 32) % len(self.x), (i * 32) % len(self.x) + 32)
+        return self.x[rows], self.y[rows]
+
+
+@pytest.mark.backends
 @pytest.mark.parametrize("kind", ["inf", "nan"])
 def test_overflow_storm_is_skipped_and_training_recovers(kind, reliability):
-    import tensorflow as tf
-
     x, y = _regression()
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
     clean, clean_opt = _storm_model()
-    clean.fit(data, steps_per_epoch=128, verbose=0)
+    clean.fit(Repeat(x, y, 128), verbose=0)
     natural = clean_opt.state()["skipped_steps"]  # early overflows while the scale settles
     storm_steps = list(range(20, 32))  # 12 consecutive poisoned steps
     faults = FaultInjector(storm_steps, kind=kind)
     model, opt = _storm_model(faults)
     watch = Watch()
     # 12 more steps than the clean run: the same number gets applied, on other batches.
-    model.fit(data, steps_per_epoch=140, verbose=0,
-              callbacks=[faults, PrecisionMonitor(), watch])
+    model.fit(Repeat(x, y, 140), verbose=0, callbacks=[faults, PrecisionMonitor(), watch])
     state = opt.state()
     assert faults.poisoned == storm_steps and state["skipped_steps"] == 12 + natural
     assert all(watch.finite)  # weights never non-finite
     assert min(watch.scales) == 2.0**10 and max(watch.scales) <= 2.0**24  # held at min_scale
-    applied = int(opt.iterations.numpy())
-    assert applied == 140 - 12 - natural == int(clean_opt.iterations.numpy())
+    applied = int(_np(opt.iterations))
+    assert applied == 140 - 12 - natural == int(_np(clean_opt.iterations))
     inner = opt.inner_optimizer  # the LR schedule advanced on applied steps only
-    assert float(inner.learning_rate.numpy()) == pytest.approx(
+    assert float(_np(inner.learning_rate)) == pytest.approx(
         float(inner._learning_rate(applied)), rel=1e-6)
     clean_loss = clean.evaluate(x, y, verbose=0, return_dict=True)["loss"]
     loss = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
@@ -84,17 +103,19 @@ def test_overflow_storm_is_skipped_and_training_recovers(kind, reliability):
                 f"loss {loss:.4g} vs {clean_loss:.4g} in a clean run with as many applied steps")
 
 
+@pytest.mark.backends
 def test_endless_storm_stops_with_the_variables_named(reliability):
     faults = FaultInjector("all")
     model, opt = _storm_model(faults, budget=20)
     x, y = _regression()
-    before = [v.numpy().copy() for v in model.trainable_variables]
+    before = [_np(v).copy() for v in model.trainable_variables]
     with pytest.raises(NonFiniteGradientsError, match="20 consecutive steps") as err:
         model.fit(x, y, batch_size=32, epochs=5, verbose=0, callbacks=[faults, PrecisionMonitor()])
     message = str(err.value)
     assert "sequential/dense/kernel" in message and "sequential/dense_1/bias" in message
+    backends.sync_state(model)
     for v, b in zip(model.trainable_variables, before):
-        np.testing.assert_array_equal(v.numpy(), b)
+        np.testing.assert_array_equal(_np(v), b)
     reliability("every step's gradients non-finite (endless storm)",
                 "after 20 skips (max_consecutive_skips) fit raises NonFiniteGradientsError "
                 "naming all 4 variables; weights unchanged")
@@ -107,7 +128,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np, kmp
-from kmp.testing import FaultInjector
+from kmp.faults import FaultInjector
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 kmp.set_policy("mixed_float16")
 faults = FaultInjector([2, 3], kind="nan", replicas=[1])
@@ -128,6 +149,7 @@ print(json.dumps({"replicas": strategy.num_replicas_in_sync, "state": opt.state(
 """
 
 
+@pytest.mark.tensorflow
 def test_fault_in_one_replica_skips_the_step_on_all(reliability):
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
                           text=True, timeout=300)
@@ -177,10 +199,13 @@ RUN = ["--corpus", str(DATA / "corpus.txt"), "--vocab-size", "512", "--seq-len",
        "--no-jit"]
 
 
-def _pretrain(tmp_path, out, mode="none", at=0, *extra):
+def _pretrain(tmp_path, out, mode="none", at=0, *extra, backend="tensorflow"):
     argv = [*RUN, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra]
+    if backend == "jax":  # without XLA, JAX runs op by op: slow
+        argv[argv.index("--no-jit")] = "--jit"
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run([sys.executable, "-c", KILL_DRIVER, mode, str(at), *argv],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def _h5_arrays(path):
@@ -193,21 +218,25 @@ def _h5_arrays(path):
     return arrays
 
 
-def test_sigkill_mid_training_and_mid_checkpoint_then_resume_equals_one_run(tmp_path, reliability):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_sigkill_mid_training_and_mid_checkpoint_then_resume_equals_one_run(tmp_path, reliability,
+                                                                            backend):
     from kmp import checkpoint
 
-    ref = _pretrain(tmp_path, tmp_path / "ref")
+    ref = _pretrain(tmp_path, tmp_path / "ref", backend=backend)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    first = _pretrain(tmp_path, out, "train", 6)  # in epoch 2 of 3, after checkpoint 1
+    # in epoch 2 of 3, after checkpoint 1
+    first = _pretrain(tmp_path, out, "train", 6, backend=backend)
     assert first.returncode == -signal.SIGKILL
     assert checkpoint.latest(out / "checkpoints")["epoch"] == 1
-    second = _pretrain(tmp_path, out, "checkpoint", 1, "--resume")  # dies writing checkpoint 2
+    # dies writing checkpoint 2
+    second = _pretrain(tmp_path, out, "checkpoint", 1, "--resume", backend=backend)
     assert second.returncode == -signal.SIGKILL and "resume: from step" in second.stdout
     record = checkpoint.latest(out / "checkpoints")
     assert record["epoch"] == 1  # latest.json still names the whole checkpoint
     assert list((out / "checkpoints").glob("tmp-*"))  # the half-written file is only a tmp
-    third = _pretrain(tmp_path, out, "none", 0, "--resume")
+    third = _pretrain(tmp_path, out, "none", 0, "--resume", backend=backend)
     assert third.returncode == 0, third.stderr[-2000:]
 
     a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
@@ -222,12 +251,13 @@ def test_sigkill_mid_training_and_mid_checkpoint_then_resume_equals_one_run(tmp_
     assert ref_arrays.keys() == new_arrays.keys() and len(ref_arrays) > 40
     for name in ref_arrays:  # weights, AdamW moments, iterations, loss scale and its counters
         np.testing.assert_array_equal(ref_arrays[name], new_arrays[name], err_msg=name)
-    reliability("SIGKILL in the middle of training (step 6 of 12, checkpoints every 4)",
-                "--resume continues from the step-4 checkpoint")
-    reliability("SIGKILL while a checkpoint file is being written (half of it on disk)",
-                "latest.json still names the previous whole checkpoint; the partial file is a "
-                "tmp- file that resume ignores and the next save overwrites")
-    reliability("both kills, then --resume to the end (mixed_float16, CPU)",
+    if backend == "tensorflow":
+        reliability("SIGKILL in the middle of training (step 6 of 12, checkpoints every 4)",
+                    "--resume continues from the step-4 checkpoint")
+        reliability("SIGKILL while a checkpoint file is being written (half of it on disk)",
+                    "latest.json still names the previous whole checkpoint; the partial file "
+                    "is a tmp- file that resume ignores and the next save overwrites")
+    reliability(f"both kills, then --resume to the end (mixed_float16, CPU, {backend})",
                 f"bit-identical to an uninterrupted run: all {len(ref_arrays)} arrays of the "
                 "final checkpoint (weights, AdamW moments, iterations, loss scale and counters), "
                 "per-step losses, step count, loss scale, val loss")
@@ -248,7 +278,7 @@ def test_resume_under_another_precision_warns_and_continues(tmp_path, capsys, re
     before = _in_process(tmp_path, out, "--precision", "float32", "--steps", "8")
     record = checkpoint.latest(out / "checkpoints")
     assert record["precision"]["policy"] == "float32" and not record["precision"]["loss_scaling"]
-    assert set(record["precision"]["versions"]) == {"kmp", "keras", "tensorflow"}
+    assert set(record["precision"]["versions"]) == {"kmp", "keras", keras.backend.backend()}
     capsys.readouterr()
     up = _in_process(tmp_path, out, "--precision", "mixed_float16", "--steps", "12", "--resume")
     printed = capsys.readouterr().out

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from kmp import backends
 from kmp.scaling import LossScaleOptimizer, NonFiniteGradientsError
 
 pytestmark = pytest.mark.backends
@@ -26,8 +27,10 @@ def _apply(opt, grads, variables, path="apply"):
         return
     if not opt.built:
         opt.build(variables)
-    new_weights, new_state = opt.stateless_apply([v.value for v in opt.variables], grads,
-                                                 [v.value for v in variables])
+    if "_compiled_stateless" not in opt.__dict__:  # compiled, as inside Keras's JAX train step
+        opt.__dict__["_compiled_stateless"] = backends.jit(opt.stateless_apply)
+    new_weights, new_state = opt._compiled_stateless([v.value for v in opt.variables], grads,
+                                                     [v.value for v in variables])
     for v, value in zip(variables, new_weights):
         v.assign(value)
     for v, value in zip(opt.variables, new_state):

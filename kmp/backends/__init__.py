@@ -99,6 +99,13 @@ def switch(initial: bool = False):
     return current().Switch(initial)
 
 
+def apply_scaled(optimizer, flags, grads, tvs):
+    """One stateful step of a kmp.LossScaleOptimizer, given its non-finite flags: the
+    cross-replica decision under tf.distribute (skip when any replica overflowed), the
+    compiled pure step on JAX, the plain step on torch."""
+    current().apply_scaled(optimizer, flags, grads, tvs)
+
+
 def replica_id():
     """The replica id under a TensorFlow distribution strategy (0 elsewhere, and outside one)."""
     return current().replica_id()

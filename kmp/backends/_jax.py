@@ -87,6 +87,11 @@ class Switch:
                            ordered=False)
 
 
+def apply_scaled(optimizer, flags, grads, tvs):
+    # JAX arrays are immutable: the pure step, then assigned.
+    optimizer._assign_stateless(grads, tvs or optimizer._trainable_variables)
+
+
 def replica_id():
     return 0
 

@@ -67,6 +67,37 @@ class Switch:
         return self._var.read_value()
 
 
+def apply_scaled(optimizer, flags, grads, tvs):
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:
+        raise RuntimeError("kmp.LossScaleOptimizer.apply() must be called in a replica "
+                           "context (inside strategy.run), as Keras's own apply.")
+    # The one fix that matters across replicas: decide on the all-reduced flags, so every
+    # replica skips when any replica saw an inf/NaN (Keras decides on replica 0's flags).
+    if ctx.num_replicas_in_sync > 1:
+        flags = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flags)
+    grad_norm = optimizer._local_grad_norm(grads)
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        optimizer._apply_and_update(flags, grad_norm, grads, tvs)
+        return
+
+    def cross_replica(distribution, finite, flags, grad_norm, grads, tvs):
+        first = distribution.experimental_local_results
+
+        def apply_fn():
+            distribution.extended.call_for_each_replica(optimizer._apply_finite,
+                                                        args=(grads, tvs))
+            return tf.no_op()
+
+        # A cond in cross-replica context: the inner apply calls merge_call itself.
+        finite0 = first(finite)[0]
+        tf.cond(finite0, apply_fn, tf.no_op)
+        optimizer._update_state(finite0, first(flags)[0], first(grad_norm)[0])
+
+    finite = tf.equal(tf.reduce_sum(flags), 0)
+    ctx.merge_call(cross_replica, args=(finite, flags, grad_norm, grads, tvs))
+
+
 def replica_id():
     ctx = tf.distribute.get_replica_context()
     return ctx.replica_id_in_sync_group if ctx is not None else 0

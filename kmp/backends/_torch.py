@@ -67,6 +67,10 @@ class Switch:
         return torch.tensor(self.value)
 
 
+def apply_scaled(optimizer, flags, grads, tvs):
+    optimizer._apply_and_update(flags, optimizer._local_grad_norm(grads), grads, tvs)
+
+
 def replica_id():
     return 0
 

@@ -14,8 +14,8 @@ import keras
 import numpy as np
 
 from kmp._keras import flatten_layers, layer_paths, walk
-from kmp.layers.harden import harden, is_hardened
 from kmp.diagnostics.tracing import forward_backward
+from kmp.layers.harden import harden, is_hardened
 
 # Default tolerances on the relative error, by compute dtype. `kmp parity` on a fresh tiny GPT
 # (a stdlib batch) shows at most 1.7e-3 under float16 (loss-scaled) and 4.4e-2 under bfloat16.

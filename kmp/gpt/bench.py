@@ -69,7 +69,7 @@ class Run:
                 "final_loss": self.final_loss, "ratio": self.ratio}
 
 
-def _runs(policies, xla) -> list[Run]:
+def _runs(policies, xla, peer=None) -> list[Run]:
     runs = []
     for name in policies:
         if name == "auto":
@@ -82,6 +82,11 @@ def _runs(policies, xla) -> list[Run]:
                             field="policies")
         for jit in xla:
             runs.append(Run(f"{name}, XLA {'on' if jit else 'off'}", name, jit))
+    if peer is not None:  # the peer at every precision kmp runs, compiled where XLA is on
+        for policy in dict.fromkeys(r.policy for r in runs):
+            for jit in xla:
+                runs.append(Run(f"{peer} peer: {policy}, compile {'on' if jit else 'off'}",
+                                policy, jit, path=peer))
     return runs
 
 
@@ -106,10 +111,10 @@ def check_losses(runs: list[Run], tolerance: float = 0.02) -> list[str]:
     is more than `tolerance` (relative) from the float32 runs' mean. Empty when all is well."""
     problems = [f"{r.label}: the loss did not fall ({r.first_loss:.4f} -> {r.final_loss:.4f})"
                 for r in runs if not r.final_loss < r.first_loss]
-    base = [r.final_loss for r in runs if r.policy == "float32"]
-    if base:
+    base = [r.final_loss for r in runs if r.policy == "float32" and r.path != "torch"]
+    if base:  # a peer starts from other weights: only its own fall is checked
         ref = sum(base) / len(base)
-        for r in runs:
+        for r in (r for r in runs if r.path != "torch"):
             off = abs(r.final_loss / ref - 1)
             if not off <= tolerance:
                 problems.append(f"{r.label}: final loss {r.final_loss:.4f} is {off:.1%} from "
@@ -118,10 +123,12 @@ def check_losses(runs: list[Run], tolerance: float = 0.02) -> list[str]:
 
 
 def benchmark(config: GPTConfig, policies=("float32", "mixed_float16", "mixed_bfloat16", "auto"),
-              xla=(True, False), chunk=10, repeats=3, warmup=3, log=print) -> list[Run]:
+              xla=(True, False), chunk=10, repeats=3, warmup=3, log=print,
+              peer=None) -> list[Run]:
     """Trains `config`'s model under each policy and XLA setting, interleaved; returns the runs.
 
-    Ratios are to float32 with the same XLA setting.
+    Ratios are to float32 with the same XLA setting (and the same implementation: kmp, or
+    the peer).
 
     Args:
         config: GPTConfig. The model, batch and corpus (`config.corpus`).
@@ -131,12 +138,29 @@ def benchmark(config: GPTConfig, policies=("float32", "mixed_float16", "mixed_bf
         repeats: int. Turns per run (timed); the median is over these.
         warmup: int. Untimed steps per run after all are compiled, before the timed turns.
         log: callable. Progress lines. Defaults to print.
+        peer: str or None. "torch": also train the PyTorch reference of the same shape
+            (`kmp.peers.torch_gpt`) at each precision, in the same process, on the same
+            batches. Defaults to None.
     """
-    runs = _measure(config, _runs(policies, xla), chunk, repeats, warmup, log)
+    runs = _measure(config, _runs(policies, xla, peer), chunk, repeats, warmup, log)
     for run in runs:
-        base = next((b for b in runs if b.policy == "float32" and b.jit == run.jit), None)
+        base = next((b for b in runs if b.policy == "float32" and b.jit == run.jit
+                     and b.path == run.path), None)
         run.ratio = run.tokens_per_sec / base.tokens_per_sec if base else None
     return runs
+
+
+def peer_ratios(runs: list[Run]) -> list[tuple[str, Run, Run, float]]:
+    """Per precision: kmp's fastest run, the peer's fastest, and kmp's tokens/s over the
+    peer's."""
+    rows = []
+    for policy in dict.fromkeys(r.policy for r in runs):
+        ours = [r for r in runs if r.policy == policy and r.path == "kmp"]
+        theirs = [r for r in runs if r.policy == policy and r.path not in ("kmp", "keras")]
+        if ours and theirs:
+            best, peer = (max(rs, key=lambda r: r.tokens_per_sec) for rs in (ours, theirs))
+            rows.append((policy, best, peer, best.tokens_per_sec / peer.tokens_per_sec))
+    return rows
 
 
 def overhead(config: GPTConfig, policy="auto", chunk=10, repeats=3, warmup=3,
@@ -160,9 +184,16 @@ def overhead(config: GPTConfig, policy="auto", chunk=10, repeats=3, warmup=3,
 
 
 def _build(config, run):
+    config = dataclasses.replace(config, warmup_steps=0)  # every benchmarked step trains
+    if run.path == "torch":
+        try:
+            from kmp.peers.torch_gpt import TorchPeer
+        except ImportError:
+            raise UserError("The torch peer needs PyTorch: pip install -e '.[peers]' (or "
+                            "pip install torch).", field="peer") from None
+        return TorchPeer(config, run.policy, compile=run.jit), ()
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(run.policy)  # layers keep the policy they were built with
-    config = dataclasses.replace(config, warmup_steps=0)  # every benchmarked step trains
     try:
         keras.utils.set_random_seed(config.seed)
         model = build_model(config)
@@ -198,15 +229,18 @@ def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
     for r in range(repeats):
         for k in range(len(runs)):
             i = (k + r) % len(runs)
-            before = backends.gpu_memory(reset=True)
+            model = built[i][0]
+            # A peer measures its own device memory (torch's allocator), kmp the backend's.
+            memory = getattr(model, "gpu_memory", backends.gpu_memory)
+            before = memory(reset=True)
             t = time.perf_counter()
             loss = _fit(*built[i], cache, config, next_batch, i, chunk)
             runs[i].step_seconds.append((time.perf_counter() - t) / chunk)
             runs[i].final_loss = loss
             if before is not None and before["resettable"]:
                 # the other models' variables stay resident: leave them out
-                own = (backends.gpu_memory()["peak"] - before["current"]
-                       + state_bytes(built[i][0]))
+                own = memory()["peak"] - before["current"] + (
+                    model.state_bytes() if runs[i].path == "torch" else state_bytes(model))
                 runs[i].peak_memory = max(runs[i].peak_memory or 0, own)
                 runs[i].memory_kind = "GPU peak (this model's)"
             elif before is not None:  # JAX: the device's peak since the process started
@@ -230,6 +264,9 @@ def _fit(model, callbacks, cache, config, next_batch, i, steps) -> float:
         x, y = data.window_batch(cache.train, config.seq_len, config.batch_size, config.seed,
                                  next_batch[i])
         next_batch[i] += 1
+        if not isinstance(model, keras.Model):  # a peer
+            loss = model.train_step(x, y)
+            continue
         model.reset_metrics()  # so the logged loss is this batch's, not a running mean
         logs = model.train_on_batch({"token_ids": x, "padding_mask": np.ones_like(x)}, y,
                                     return_dict=True)
@@ -259,3 +296,67 @@ def to_json(runs: list[Run], config: GPTConfig, hardware: str, baseline: str = "
     return json.dumps({"hardware": hardware, "ratio_baseline": baseline,
                        "config": dataclasses.asdict(config),
                        "runs": [run.row() for run in runs]}, indent=2)
+
+
+def parse_backend_runs(spec: str) -> list[tuple[str, str, str | None]]:
+    """"tensorflow:mixed_bfloat16:off,jax,torch:float32" -> [(backend, policy, xla)], the
+    policy defaulting to auto (that backend's plan) and XLA to the plan's ("on"/"off"/None).
+
+    Example:
+    >>> parse_backend_runs("jax,torch:float32:off")
+    [('jax', 'auto', None), ('torch', 'float32', 'off')]
+    """
+    runs = []
+    for item in spec.split(","):
+        backend, policy, xla = (item.split(":") + ["auto", None])[:3]
+        if backend not in backends.SUPPORTED or (policy != "auto" and policy not in POLICIES) or (
+                xla not in (None, "on", "off")):
+            raise UserError(f"Unknown backend run {item!r}. Use BACKEND[:POLICY[:on|off]] with "
+                            f"a backend of {', '.join(backends.SUPPORTED)} and a policy of "
+                            f"auto, {', '.join(POLICIES)}.", field="backends")
+        runs.append((backend, policy, xla))
+    return runs
+
+
+def compare_backends(bench_argv: list[str], runs, rounds: int, out, log=print) -> list[dict]:
+    """Times one setting per Keras backend, each in its own process (a process has one
+    backend), taking turns for `rounds` rounds with the order rotating, so drift on the
+    machine hits all alike. Each turn is `kmp --backend B bench` with `bench_argv` and
+    `--repeats 1`. Returns one row per backend: tokens/s per round, the median, and the ratio
+    of the medians to the first backend's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tokens = {run: [] for run in runs}
+    labels = {}
+    for r in range(rounds):
+        for k in range(len(runs)):
+            backend, policy, xla = run = runs[(k + r) % len(runs)]
+            turn = Path(out) / f"turn-{r}-{backend}"
+            argv = [sys.executable, "-m", "kmp.cli", "--backend", backend, "bench",
+                    *bench_argv, "--policies", policy, "--repeats", "1", "--out", str(turn)]
+            if xla is not None and policy != "auto":
+                argv += ["--xla", xla]
+            log(f"bench: round {r + 1}/{rounds}: {backend} {policy} ...")
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"kmp bench under {backend} failed:\n{done.stderr[-3000:]}")
+            row = json.loads((turn / "bench.json").read_text())["runs"][0]
+            tokens[run].append(row["tokens_per_sec"])
+            labels[run] = f"{backend}: {row['run']}"
+    first = statistics.median(tokens[runs[0]])
+    return [{"backend": run[0], "run": labels[run], "tokens_per_sec": tokens[run],
+             "median_tokens_per_sec": statistics.median(tokens[run]),
+             "ratio": statistics.median(tokens[run]) / first} for run in runs]
+
+
+def backends_markdown(rows: list[dict], title: str) -> str:
+    """The rows of `compare_backends` as a Markdown table."""
+    lines = [f"**{title}**", "", "| backend: run | tokens/s per round | median tokens/s | "
+             f"vs {rows[0]['backend']} |", "|---|---|---|---|"]
+    for row in rows:
+        each = ", ".join(f"{t:,.0f}" for t in row["tokens_per_sec"])
+        lines.append(f"| {row['run']} | {each} | {row['median_tokens_per_sec']:,.0f} | "
+                     f"{row['ratio']:.2f}x |")
+    return "\n".join(lines)

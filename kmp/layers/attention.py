@@ -34,7 +34,7 @@ class CausalSelfAttention(keras.layers.Layer):
 
     Example:
     >>> import numpy as np
-    >>> CausalSelfAttention(num_heads=2)(np.ones((1, 3, 4), "float32")).shape
+    >>> tuple(CausalSelfAttention(num_heads=2)(np.ones((1, 3, 4), "float32")).shape)
     (1, 3, 4)
     """
 

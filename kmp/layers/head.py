@@ -29,8 +29,8 @@ class LMHead(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> y = LMHead(10, dtype="mixed_bfloat16")(np.ones((1, 2, 4), "float32"))
-    >>> (y.shape, str(y.dtype))
-    ((1, 2, 10), "<dtype: 'float32'>")
+    >>> tuple(y.shape), keras.backend.standardize_dtype(y.dtype)
+    ((1, 2, 10), 'float32')
     """
 
     def __init__(self, vocabulary_size, projection="compute", use_bias=False,

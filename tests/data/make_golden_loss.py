@@ -20,16 +20,22 @@ from kmp.recipes import pretrain_gpt  # noqa: E402
 ARGS = ["--steps", "24", "--val-every", "12"]
 TOLERANCE = {"float32": 1e-3, "mixed_bfloat16": 2e-2}
 
-losses = {}
-with tempfile.TemporaryDirectory() as tmp:
-    for policy in TOLERANCE:
-        out = Path(tmp, policy)
-        pretrain_gpt.main([*SMALL, *ARGS, "--precision", policy, "--cache-dir", f"{tmp}/cache",
-                           "--out", str(out)])
-        history = checkpoint.latest(out / "checkpoints")["extra"]["history"]["train"]
-        losses[policy] = [round(loss, 6) for _, loss in history]
-        set_policy("float32")
-golden = {"args": ARGS, "tolerance": TOLERANCE, "losses": losses}
-path = Path(__file__).with_name("golden_tiny_loss.json")
-path.write_text(json.dumps(golden, indent=1) + "\n")
-print(f"wrote {path}")
+
+def main():
+    losses = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for policy in TOLERANCE:
+            out = Path(tmp, policy)
+            pretrain_gpt.main([*SMALL, *ARGS, "--precision", policy, "--cache-dir",
+                               f"{tmp}/cache", "--out", str(out)])
+            history = checkpoint.latest(out / "checkpoints")["extra"]["history"]["train"]
+            losses[policy] = [round(loss, 6) for _, loss in history]
+            set_policy("float32")
+    golden = {"args": ARGS, "tolerance": TOLERANCE, "losses": losses}
+    path = Path(__file__).with_name("golden_tiny_loss.json")
+    path.write_text(json.dumps(golden, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
