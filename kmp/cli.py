@@ -15,7 +15,7 @@ import tempfile
 
 from kmp.errors import UserError
 
-BACKENDS = ("tensorflow", "jax", "torch")
+BACKENDS = ("tensorflow", "jax", "torch")  # kmp.backends.SUPPORTED, named without Keras
 # Config fields a command does not use, so its --help does not offer them.
 _RUN_ONLY = ("jit", "strategy", "prompt", "samples", "resume", "val_every", "val_batches")
 _NOT_USED = {
@@ -33,8 +33,9 @@ def _set_backend(argv: list[str]) -> list[str]:
     known, rest = parser.parse_known_args(argv)
     if known.backend:
         if "keras" in sys.modules and sys.modules["keras"].backend.backend() != known.backend:
-            raise RuntimeError(f"Keras is already loaded with another backend; --backend "
-                               f"{known.backend} must be given before Keras is imported.")
+            raise UserError(f"--backend {known.backend}: Keras is already loaded with the "
+                            f"{sys.modules['keras'].backend.backend()} backend in this process. "
+                            "Choose the backend before Keras is imported.")
         os.environ["KERAS_BACKEND"] = known.backend
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     return rest
@@ -352,12 +353,12 @@ def main(argv=None) -> int:
     for name, text in _DIAGNOSES.items():
         sub.add_parser(name, add_help=False, help=f"{text} (kmp {name} --help)")
     args, _ = parser.parse_known_args(argv)
-    rest = _set_backend(argv)
-    rest = rest[rest.index(args.command) + 1:]
-    if args.command == "doctor" and rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    _load_quietly(args.command)
     try:
+        rest = _set_backend(argv)
+        rest = rest[rest.index(args.command) + 1:]
+        if args.command == "doctor" and rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        _load_quietly(args.command)
         if args.command in _DIAGNOSES:
             return _diagnose(args.command, rest)
         if args.command != "doctor":

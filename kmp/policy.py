@@ -14,12 +14,13 @@ from kmp.hardware import Hardware, detect
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 CHOICES = ("auto",) + POLICIES
 
-# `kmp bench --preset small` on a 2-core Xeon with AVX512_BF16/AMX (keras 3.15, TF 2.21; see
-# docs/benchmarks.md), tokens/s relative to float32 with the same XLA setting, across three
-# sessions: mixed_bfloat16 1.32x-1.68x without XLA (and 1.53x the fastest float32 run), 0.79x-0.92x
-# with XLA; mixed_float16 0.88x-1.02x.
-_CPU_NOTE = ("kmp bench, small GPT on a 2-core AVX512_BF16 CPU: bf16 1.3x to 1.7x float32's "
-             "tokens/s without XLA, 0.8x to 0.9x with XLA; fp16 0.9x to 1.0x")
+# `kmp bench --preset small` on 2-core CPUs with AVX512_BF16 (an Intel Xeon with AMX in three
+# sessions, an AMD EPYC in one; keras 3.15, TF 2.21; docs/benchmarks.md), tokens/s relative to
+# float32 with the same XLA setting, TensorFlow backend: mixed_bfloat16 1.32x-1.68x without XLA,
+# 0.79x-0.97x with XLA; mixed_float16 0.74x-1.02x. JAX (always XLA): mixed_bfloat16 1.10x.
+# torch (eager): mixed_bfloat16 1.22x (small) to 1.41x (tiny).
+_CPU_NOTE = ("kmp bench, small GPT on 2-core AVX512_BF16 CPUs, TensorFlow: bf16 1.3x to 1.7x "
+             "float32's tokens/s without XLA, 0.8x to 1.0x with XLA; fp16 0.7x to 1.0x")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,8 @@ def _on_backend(jit: bool, reason: str) -> tuple[bool, str]:
     torch, Keras's default there (jit_compile=True means torch.compile)."""
     backend = backends.name()
     if backend == "jax" and not jit:
-        return True, reason + " XLA stays on under JAX: without it each op runs on its own."
+        return True, reason + (" Under JAX XLA stays on (without it each op runs on its own); "
+                               "there bf16 measured 1.1x float32 on the same CPUs.")
     if backend == "torch" and jit:
         return False, reason + " torch runs eagerly, as Keras's default there."
     return jit, reason

@@ -64,8 +64,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         inner_optimizer: keras.optimizers.Optimizer. The optimizer that applies the updates; its
             clipping, weight decay and gradient accumulation see unscaled gradients.
         initial_scale: float. Starting loss scale. Defaults to 2**15.
-        growth_interval: int. Consecutive finite steps before the scale grows. Defaults to 2000.
-            Keras's name for it, `dynamic_growth_steps`, is accepted too.
+        growth_interval: int or None. Consecutive finite steps before the scale grows; Keras's
+            name for it, `dynamic_growth_steps`, is accepted too. Defaults to None: 2000.
         growth_factor: float. Multiplier on growth, > 1. Defaults to 2.0.
         backoff_factor: float. Multiplier on overflow, in (0, 1). Defaults to 0.5.
         hysteresis: int. Overflows tolerated before backing off (DeepSpeed's `delayed_shift`).
@@ -89,7 +89,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self,
         inner_optimizer,
         initial_scale=2.0**15,
-        growth_interval=2000,
+        growth_interval=None,
         growth_factor=2.0,
         backoff_factor=0.5,
         hysteresis=1,
@@ -99,14 +99,13 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         name=None,
         **kwargs,
     ):
-        if "dynamic_growth_steps" in kwargs:  # Keras's own name for growth_interval
-            steps = kwargs.pop("dynamic_growth_steps")
-            if growth_interval not in (2000, steps):
-                raise UserError(
-                    "LossScaleOptimizer: growth_interval and dynamic_growth_steps are the same "
-                    f"setting and were given different values. Received: growth_interval="
-                    f"{growth_interval!r}, dynamic_growth_steps={steps!r}. Pass one of them.")
-            growth_interval = steps
+        steps = kwargs.pop("dynamic_growth_steps", None)  # Keras's name for growth_interval
+        if None not in (steps, growth_interval) and steps != growth_interval:
+            raise UserError(
+                "LossScaleOptimizer: growth_interval and dynamic_growth_steps are the same "
+                f"setting and were given different values. Received: growth_interval="
+                f"{growth_interval!r}, dynamic_growth_steps={steps!r}. Pass one of them.")
+        growth_interval = next((g for g in (growth_interval, steps) if g is not None), 2000)
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise UserError(
                 "LossScaleOptimizer: inner_optimizer must be a keras.optimizers.Optimizer. "
@@ -238,7 +237,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                    for v in self._trainable_variables]
         if "_compiled_step" not in self.__dict__:
             self.__dict__["_compiled_step"] = backends.jit(self._stateless_step)
-        weights, state, self._step_state = self._compiled_step(
+        weights, state, _ = self._compiled_step(
             [v.value for v in self.variables], ordered,
             [v.value for v in self._trainable_variables])
         for v, value in zip(self._trainable_variables + self.variables, weights + state):

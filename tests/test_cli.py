@@ -155,3 +155,16 @@ def test_bench_overhead_compares_plain_keras_with_the_kmp_path(tmp_path):
     assert [r["run"].split(":")[0] for r in runs] == ["plain Keras", "kmp"]
     assert runs[0]["ratio"] == 1.0 and runs[1]["ratio"] > 0
     assert "vs plain Keras" in (tmp_path / "overhead.md").read_text()
+
+
+def test_bench_takes_turns_between_backends(tmp_path, capsys):
+    """--backends runs one setting per Keras backend, each in its own process, and compares."""
+    args = ["bench", *BENCH, "--backends", "jax:float32:on,torch:float32:off", "--rounds", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "backends.json").read_text())
+    assert [r["backend"] for r in rows] == ["jax", "torch"] and rows[0]["ratio"] == 1.0
+    assert all(len(r["tokens_per_sec"]) == 1 and r["median_tokens_per_sec"] > 0 for r in rows)
+    assert "| jax: float32, XLA on |" in capsys.readouterr().out
+    assert main(["bench", "--backends", "numpy"]) == 2
+    assert "Unknown backend run 'numpy'" in capsys.readouterr().err

@@ -40,7 +40,6 @@ def train_losses(out):
     return [loss for _, loss in checkpoint.latest(out / "checkpoints")["extra"]["history"]["train"]]
 
 
-@pytest.mark.backends
 def test_tiny_run_writes_every_output(tmp_path, fake_hardware):
     fake_hardware("cpu")  # no peak FLOP/s known: no MFU
     out, metrics = run(tmp_path, "--steps", "6", "--val-every", "3", "--precision", "float32",
@@ -93,7 +92,6 @@ def test_fixed_seed_run_matches_the_golden_losses(tmp_path):
         assert worst <= tol, f"{policy}: worst per-step loss difference {worst:.2e} > {tol}"
 
 
-@pytest.mark.backends
 def test_resume_continues_the_same_run(tmp_path, monkeypatch):
     args = ("--steps", "8", "--val-every", "4", "--precision", "mixed_float16", "--no-jit")
     ref, ref_metrics = run(tmp_path, *args, name="ref")

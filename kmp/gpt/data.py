@@ -58,10 +58,8 @@ def corpus_files(spec: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not files:
-        raise UserError(
-            f"Corpus {spec!r} names no file. Use the corpus stdlib, or a file, directory or glob "
-            "of UTF-8 text."
-        )
+        raise UserError(f"Corpus {spec!r} names no file. Use stdlib, or a file, directory or "
+                        "glob of UTF-8 text.", field="corpus")
     return files
 
 
@@ -167,7 +165,7 @@ def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> Tok
         f"(not UTF-8 text), {sum(map(len, docs)) / 1e6:.1f} M characters")
     if not docs:
         raise UserError(f"Corpus {corpus!r} has no UTF-8 text ({len(files)} files, {skipped} "
-                        "skipped). Point the corpus at text files.")
+                        "skipped). Use text files.", field="corpus")
     log(f"tokenizer: training a byte-level BPE with {vocab_size} tokens ...")
     train_tokenizer(docs, vocab_size, directory)
     # Encode with keras-hub's tokenizer, the one sampling uses: it groups whitespace a little
@@ -184,7 +182,7 @@ def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> Tok
     block = min(BLOCK_TOKENS, len(tokens) // VAL_EVERY_BLOCK)
     if block < 2:
         raise UserError(f"Corpus {corpus!r} has only {len(tokens)} tokens: too small to split "
-                         "into train and validation. Use a larger corpus.")
+                        "into train and validation. Use a larger corpus.", field="corpus")
     blocks = np.arange(len(tokens)) // block
     is_val = blocks % VAL_EVERY_BLOCK == VAL_EVERY_BLOCK - 1
     write_bytes_atomic(directory / "train.bin", tokens[~is_val].tobytes())
@@ -202,8 +200,8 @@ def _check_fits(tokens: np.ndarray, seq_len: int, split: str):
     if len(tokens) < seq_len + 1:
         raise UserError(
             f"The {split} split has {len(tokens)} tokens, fewer than one training window "
-            f"(seq_len + 1 = {seq_len + 1}). Use a larger corpus or a smaller seq_len."
-        )
+            f"(seq_len + 1 = {seq_len + 1}). Use a larger corpus or a smaller seq_len.",
+            field="seq_len")
 
 
 def window_batch(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, index: int):
