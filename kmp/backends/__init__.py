@@ -1,10 +1,11 @@
 """The few things that differ per Keras backend, in one place.
 
 The rest of kmp is written against keras.ops. What is not the same on TensorFlow, JAX and
-torch (the device probe, version strings, reading fit's state mid-epoch, gradients of
-intermediate outputs, device memory, the fault-injection switch, the multi-device strategy)
-is one function here, which calls the module of the active backend (`_tensorflow`, `_jax`,
-`_torch`), imported on first use. So TensorFlow is imported only when it is the backend.
+torch (the device probe, version strings, the loss-scaled optimizer's step across replicas,
+compiling a pure function, reading fit's state mid-epoch, gradients of intermediate outputs,
+device memory, the fault-injection switch, the multi-device strategy) is one function here,
+which calls the module of the active backend (`_tensorflow`, `_jax`, `_torch`), imported on
+first use. So TensorFlow is imported only when it is the backend.
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ def gpu_memory(reset: bool = False) -> dict | None:
     restarts the peak from now where the backend can (TensorFlow, torch; not JAX, whose
     peak counts from the start of the process: see "resettable")."""
     return current().gpu_memory(reset)
+
+
+class HostSwitch:
+    """A boolean that Python sets between steps; each backend's `Switch.read()` returns it as
+    a tensor inside a step."""
+
+    def __init__(self, initial: bool = False):
+        self.value = bool(initial)
+
+    def set(self, value: bool):
+        self.value = bool(value)
 
 
 def switch(initial: bool = False):

@@ -8,6 +8,8 @@ import jax
 import keras
 import numpy as np
 
+from kmp.backends import HostSwitch
+
 
 def version() -> str:
     return jax.__version__
@@ -71,14 +73,8 @@ def gpu_memory(reset):
             "resettable": False}
 
 
-class Switch:
+class Switch(HostSwitch):
     """A Python flag that a compiled step reads at run time through a host callback."""
-
-    def __init__(self, initial):
-        self.value = bool(initial)
-
-    def set(self, value):
-        self.value = bool(value)
 
     def read(self):
         from jax.experimental import io_callback

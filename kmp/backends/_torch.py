@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from kmp.backends import HostSwitch
 from kmp.errors import UserError
 
 
@@ -54,14 +55,8 @@ def gpu_memory(reset):
             "resettable": True}
 
 
-class Switch:
+class Switch(HostSwitch):
     """A Python flag: torch runs the step eagerly and reads it as it goes."""
-
-    def __init__(self, initial):
-        self.value = bool(initial)
-
-    def set(self, value):
-        self.value = bool(value)
 
     def read(self):
         return torch.tensor(self.value)
