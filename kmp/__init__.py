@@ -1,8 +1,9 @@
 """kmp: a Keras 3 mixed-precision training kit.
 
 One switch (`set_policy`), a loss-scaled optimizer that cannot collapse (`LossScaleOptimizer`),
-FP32 islands (`kmp.layers`, `harden`), and one call to prepare a model (`compile`), on every
-Keras backend (TensorFlow, JAX, torch).
+FP32 islands (`kmp.layers`, `harden`), one call to prepare a model (`compile`), and runs that
+recover from overflow storms and loss spikes (`kmp.recovery`), on every Keras backend
+(TensorFlow, JAX, torch).
 
 The names below are imported on first use, so `import kmp` loads neither Keras nor a backend
 until one is needed (and `kmp --backend` can still choose Keras's backend).
@@ -19,6 +20,7 @@ _EXPORTS = {
     "NonFiniteGradientsError": "kmp.scaling",
     "PrecisionMonitor": "kmp.callbacks",
     "PrecisionPlan": "kmp.policy",
+    "TrainingStopped": "kmp.errors",
     "UserError": "kmp.errors",
     "callbacks": "",
     "compile": "kmp.training",
@@ -27,6 +29,7 @@ _EXPORTS = {
     "harden": "kmp.layers",
     "layers": "",
     "plan": "kmp.policy",
+    "recovery": "",
     "set_policy": "kmp.policy",
 }
 

@@ -16,6 +16,22 @@ from kmp.scaling import LossScaleOptimizer
 LOG_KEYS = ("loss_scale", "skipped_steps", "consecutive_skips", "grad_norm")
 
 
+class BatchLoss:
+    """Each batch's own loss, from the running mean over the epoch that Keras logs:
+    k·mean_k − (k−1)·mean_(k−1), in float64. Call `reset` at each epoch's start."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._total = 0.0
+
+    def update(self, batch: int, mean: float) -> float:
+        total = float(mean) * (batch + 1)
+        loss, self._total = total - self._total, total
+        return loss
+
+
 class ScalerMetrics(keras.metrics.Metric):
     """Carries a kmp.LossScaleOptimizer's state into the train step's logs (no extra host sync).
 
@@ -152,6 +168,8 @@ class PrecisionMonitor(keras.callbacks.Callback):
         log_dir: str or None. Also write loss scale, skips and gradient norm as TensorBoard
             scalars every `every` steps, and overflow events as text. Defaults to None.
         verbose: bool. Print one line per skipped step. Defaults to False.
+        step: int. Batches trained before this `fit` (a resumed run's position), so that
+            reported step numbers count from the run's start. Defaults to 0.
 
     Example:
     >>> monitor = PrecisionMonitor()
@@ -159,12 +177,12 @@ class PrecisionMonitor(keras.callbacks.Callback):
     []
     """
 
-    def __init__(self, every=50, log_dir=None, verbose=False):
+    def __init__(self, every=50, log_dir=None, verbose=False, step=0):
         super().__init__()
         self.every, self.log_dir, self.verbose = every, log_dir, verbose
         self.events = []  # (step, [variable paths]) per skipped step
         self.stopped_reason = None
-        self._step = 0
+        self._step = step
         self._skipped = 0
         self._writer = None
 
@@ -208,7 +226,7 @@ class PrecisionMonitor(keras.callbacks.Callback):
             self.events.append((self._step, names))
             if self.verbose:
                 print(f"kmp: step {self._step} skipped (loss scale now {state['loss_scale']:g}); "
-                      f"non-finite gradients in: {', '.join(names)}")
+                      f"non-finite gradients in: {scaler.overflow_summary()}")
             if self._writer is not None:
                 self._writer.text("kmp/overflow_variables", ", ".join(names), self._step)
         budget = scaler.max_consecutive_skips

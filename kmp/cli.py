@@ -1,8 +1,9 @@
 """The `kmp` command.
 
 Nothing here imports Keras at module level: `--backend` must set KERAS_BACKEND before Keras
-loads. User errors (`kmp.errors.UserError`) print one line and exit 2; anything else is a bug
-and keeps its traceback.
+loads. User errors (`kmp.errors.UserError`) and runs that cannot go on
+(`kmp.errors.TrainingStopped`) print one line and exit 2; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import os
 import sys
 import tempfile
 
-from kmp.errors import UserError
+from kmp.errors import TrainingStopped, UserError
 
 BACKENDS = ("tensorflow", "jax", "torch")  # kmp.backends.SUPPORTED, named without Keras
 # Config fields a command does not use, so its --help does not offer them.
-_RUN_ONLY = ("jit", "strategy", "prompt", "samples", "resume", "val_every", "val_batches")
+_RUN_ONLY = ("jit", "strategy", "prompt", "samples", "resume", "val_every", "val_batches",
+             "recover", "max_skips", "spike_factor", "spike_window", "recover_attempts",
+             "recover_stretch", "inject_fault")
 _NOT_USED = {
     "bench": {"precision", "steps", "warmup_steps", *_RUN_ONLY},
     "memory": {"precision", "steps", "warmup_steps", "learning_rate", "weight_decay",
@@ -368,6 +371,9 @@ def main(argv=None) -> int:
     except UserError as e:  # the user's mistake: one line, exit 2
         flag = f"--{e.field.replace('_', '-')}: " if e.field else ""
         print(f"kmp: error: {flag}{e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:  # a run that broke: what happened and what to try, one line
+        print(f"kmp: error: {e}", file=sys.stderr)
         return 2
     except Exception:
         print("kmp: this is a bug in kmp (or in a library it calls), not something you did "

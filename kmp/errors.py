@@ -1,10 +1,11 @@
-"""The one error type for a user's mistake (bad input, a missing file, an unsupported choice).
+"""The two errors that are not kmp's bugs: a user's mistake, and a run that cannot go on.
 
 kmp's own checks raise `UserError` with a message that says what was received and what to do,
 without assuming how the value was given; `field` names the setting (a config field) when one
-is at fault. The `kmp` command turns exactly these into one line naming the option
-(`--seq-len` for the field `seq_len`) and exit status 2; any other exception is a bug and
-keeps its traceback.
+is at fault. A training run that breaks beyond what kmp may repair (an overflow storm past the
+skip budget, a recovery that ran out of attempts) raises `TrainingStopped`. The `kmp` command
+turns exactly these into one line (naming the option, `--seq-len` for the field `seq_len`) and
+exit status 2; any other exception is a bug and keeps its traceback.
 """
 
 
@@ -28,3 +29,12 @@ class UserError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class TrainingStopped(RuntimeError):
+    """A run that broke and cannot go on, with a message saying what happened and what to try.
+
+    Example:
+    >>> issubclass(TrainingStopped, RuntimeError)
+    True
+    """

@@ -1,12 +1,15 @@
-"""Fault injection: make chosen training steps produce inf/NaN gradients, on chosen replicas.
+"""Fault injection: inf/NaN gradients or a loss spike on chosen training steps and replicas.
 
-For rehearsing failures: users who want to see their setup survive an overflow storm before a
-long run does it for them, and kmp's own tests. Runs on every backend: the poison is an
-`ops.custom_gradient` whose switch is set between steps and read inside the compiled step
-(`kmp.backends.switch`).
+For rehearsing failures: users who want to see their setup survive an overflow storm or a loss
+spike before a long run does it for them, and kmp's own tests. Runs on every backend: the poison
+is an `ops.custom_gradient` (a plain product for spikes) whose switch is set between steps and
+read inside the compiled step (`kmp.backends.switch`).
 """
 
 from __future__ import annotations
+
+import re
+from typing import NamedTuple
 
 import keras
 from keras import ops
@@ -14,21 +17,55 @@ from keras import ops
 from kmp import backends
 from kmp.errors import UserError
 
-KINDS = ("inf", "nan")
+KINDS = ("inf", "nan", "spike")
+SPIKE_FACTOR = 100.0  # what a spike multiplies the loss by
+
+
+class Fault(NamedTuple):
+    """One fault to inject: `kind` on `count` consecutive steps from `step`."""
+
+    kind: str
+    step: int
+    count: int = 1
+
+    def hits(self, step: int) -> bool:
+        return self.step <= step < self.step + self.count
+
+
+def parse_faults(spec: str) -> list[Fault]:
+    """Parses "KIND@STEP[xCOUNT]", comma-separated (KIND: inf, nan, spike).
+
+    Example:
+    >>> parse_faults("nan@200x30,spike@300")
+    [Fault(kind='nan', step=200, count=30), Fault(kind='spike', step=300, count=1)]
+
+    Raises:
+        UserError: for anything else.
+    """
+    faults = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        match = re.fullmatch(r"(\w+)@(\d+)(?:x(\d+))?", part)
+        if not match or match[1] not in KINDS or int(match[3] or 1) < 1:
+            raise UserError(f"Cannot read the fault {part!r}. Write KIND@STEP or "
+                            f"KIND@STEPxCOUNT with KIND one of {', '.join(KINDS)}, e.g. "
+                            "nan@200x30 or spike@300.", field="inject_fault")
+        faults.append(Fault(match[1], int(match[2]), int(match[3] or 1)))
+    return faults
 
 
 class FaultInjector(keras.callbacks.Callback):
-    """Poisons the gradients of chosen training steps with inf or NaN.
+    """Poisons the gradients of chosen training steps with inf or NaN, or spikes their loss.
 
     Wrap the loss with `wrap` when compiling and pass the injector to `fit`. On a chosen step
     the gradient of the loss is multiplied by inf (or NaN) on the chosen replicas, so every
-    trainable variable's gradient there is non-finite, as after a float16 overflow. Steps are
-    counted from 0 over every batch this callback has seen, across epochs and `fit` calls,
-    whether or not the step was applied. The forward pass and the loss value are untouched.
+    trainable variable's gradient there is non-finite, as after a float16 overflow; the forward
+    pass and the loss value are untouched. A "spike" multiplies the step's loss (and so its
+    gradient) by `SPIKE_FACTOR` instead. Steps are counted from 0 over every batch this callback
+    has seen, across epochs and `fit` calls, whether or not the step was applied.
 
     Args:
         steps: iterable of int, callable (int -> bool), or "all". Steps to poison.
-        kind: str. "inf" or "nan". Defaults to "inf".
+        kind: str. "inf", "nan" or "spike". Defaults to "inf".
         replicas: iterable of int or None. Replica ids (`replica_id_in_sync_group`) to
             poison under a `tf.distribute` strategy (TensorFlow backend; on JAX, put the
             overflow into one device's shard of the data instead). Defaults to None: all.
@@ -69,6 +106,15 @@ class FaultInjector(keras.callbacks.Callback):
         armed = self._flag()
         bad = float("inf") if self.kind == "inf" else float("nan")
         replicas = self.replicas
+
+        if self.kind == "spike":
+            def spiked_loss(y_true, y_pred):
+                value = loss_fn(y_true, y_pred)
+                return value * ops.where(armed.read(), ops.cast(SPIKE_FACTOR, value.dtype),
+                                         ops.cast(1.0, value.dtype))
+
+            spiked_loss.__name__ = f"spiked_{getattr(loss_fn, '__name__', 'loss')}"
+            return spiked_loss
 
         @ops.custom_gradient
         def poison(value):

@@ -38,6 +38,14 @@ class Hardware:
         """True when the CPU has native bfloat16 instructions (AVX512_BF16 or AMX)."""
         return bool(self.cpu_flags)
 
+    @property
+    def bf16(self) -> bool:
+        """True when the accelerator computes bfloat16 natively: TPUs, NVIDIA GPUs of compute
+        capability 8.0 or later (Ampere on), CPUs with AVX512_BF16 or AMX."""
+        if self.kind == "gpu":
+            return (self.compute_capability or (0, 0)) >= (8, 0)
+        return self.kind == "tpu" or self.cpu_bf16
+
     def describe(self) -> str:
         """One line such as 'GPU: NVIDIA A100 (compute capability 8.0) x1'."""
         if self.kind == "gpu":

@@ -10,7 +10,7 @@ from keras import ops
 
 from kmp import backends
 from kmp._keras import no_automatic_dependency_tracking
-from kmp.errors import UserError
+from kmp.errors import TrainingStopped, UserError
 
 # The scaler state as `state()` and fit's logs name it -> the optimizer variable holding it.
 STATE_VARIABLES = {
@@ -23,7 +23,7 @@ STATE_VARIABLES = {
 }
 
 
-class NonFiniteGradientsError(RuntimeError):
+class NonFiniteGradientsError(TrainingStopped):
     """Raised when more consecutive steps than allowed had non-finite gradients."""
 
 
@@ -311,6 +311,17 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         counts = ops.convert_to_numpy(self.nonfinite_counts)
         return [v.path for v, c in zip(self._trainable_variables, counts) if c > 0]
 
+    def overflow_summary(self, limit: int = 6) -> str:
+        """`overflow_variables` for one line: the first `limit` paths and how many more."""
+        names = self.overflow_variables
+        if not names:
+            return "(none recorded)"
+        text = ", ".join(names[:limit]) + (
+            f" and {len(names) - limit} more" if len(names) > limit else "")
+        if len(names) > limit and len(names) == len(self._trainable_variables):
+            return f"all {len(names)} trainable variables ({text})"
+        return text
+
     def state(self) -> dict:
         """The scaler state as Python numbers, in one read per variable.
 
@@ -331,7 +342,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             return
         n = int(ops.convert_to_numpy(self.consecutive_skips))
         if n >= self.max_consecutive_skips:
-            names = ", ".join(self.overflow_variables) or "(none recorded)"
+            names = self.overflow_summary()
             raise NonFiniteGradientsError(
                 f"{n} consecutive steps had non-finite gradients "
                 f"(max_consecutive_skips={self.max_consecutive_skips}); loss scale is "

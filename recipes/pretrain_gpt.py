@@ -21,13 +21,15 @@ import keras
 
 import kmp
 from kmp import backends
-from kmp.callbacks import PrecisionMonitor, TensorBoardScalars, Throughput
-from kmp.checkpoint import Checkpoint, precision_change, restore, verify, write_json_atomic
+from kmp.callbacks import PrecisionMonitor, SummaryWriter, TensorBoardScalars, Throughput
+from kmp.checkpoint import LATEST, Checkpoint, precision_change, restore, verify, write_json_atomic
 from kmp.errors import UserError
+from kmp.faults import FaultInjector, parse_faults
 from kmp.gpt import data, report
 from kmp.gpt.config import GPTConfig, add_arguments, from_args
 from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
 from kmp.hardware import detect, peak_flops
+from kmp.recovery import CAUSES, Event, RecoveryPlan, Watchdog
 
 
 def parse_config(argv=None) -> GPTConfig:
@@ -86,69 +88,36 @@ def main(argv=None) -> int:
 
 def train(config: GPTConfig, out: Path, verified: dict | None, replicas: int,
           started: float) -> int:
-    interval = config.eval_interval
-    keras.utils.set_random_seed(config.seed)
-
-    # 1. Policy: one switch picks float32, mixed_float16 or mixed_bfloat16 for this machine.
-    plan = kmp.set_policy(config.precision)
-    jit = plan.jit_compile if config.jit is None else config.jit
-    print(f"precision: {plan}\n  XLA: {'on' if jit else 'off'}")
-
-    # 2. Data: a BPE tokenizer and token cache (built once), random windows (a PyDataset).
+    # 1. Data: a BPE tokenizer and token cache (built once), random windows (a PyDataset).
     cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir)
-    tokenizer = cache.tokenizer()
-    batches_per_epoch = interval * config.grad_accum
-    epochs = config.steps // interval
     val_ds = data.val_dataset(cache, config.seq_len, config.batch_size, config.val_batches)
 
-    # 3. Model and optimizer.
-    model = build_model(config)
-    optimizer = kmp.compile(model, make_optimizer(config, model), loss=lm_loss(),
-                            weighted_metrics=[], jit_compile=jit)
-    print(f"model: GPT-2 {config.num_layers} layers x {config.hidden_dim} wide, "
-          f"{model.count_params():,} parameters, {replicas} replica(s), "
-          f"backend {backends.name()}")
+    # 2. Policy, model, fit; when the run breaks, roll back and retry (kmp.recovery). What
+    #    recoveries changed (skipped data, learning rate, precision) is in every checkpoint.
+    record = verified
+    plan = RecoveryPlan(config.recover_attempts, config.recover_stretch,
+                        state=record["extra"].get("recovery") if record else None)
+    while True:
+        precision = kmp.set_policy(plan.policy or config.precision)
+        try:
+            model, history, throughput = fit(config, out, cache, val_ds, precision, plan,
+                                             record, replicas)
+            break
+        except Event as event:
+            record = roll_back(config, out, plan, event, precision.policy)
 
-    # 4. Fit: `epochs` rounds of `interval` steps, validation and a checkpoint after each.
-    ckpt_dir = out / "checkpoints"
-    initial_epoch, history_state = 0, None
-    if config.resume:
-        record = restore(model, ckpt_dir, verified)
-        initial_epoch, history_state = record["epoch"], record["extra"].get("history")
-        print(f"resume: from step {record['step']} (epoch {initial_epoch} of {epochs})")
-        change = precision_change(record, model)
-        if change:
-            print(f"resume: warning: {change}")
-    history = report.LossHistory(config.grad_accum, state=history_state)
-    train_ds = data.train_dataset(cache, config.seq_len, config.batch_size, config.seed,
-                                  start=initial_epoch * batches_per_epoch,
-                                  stop=epochs * batches_per_epoch)
-    hw = detect()
-    peak = peak_flops(hw, keras.config.dtype_policy().compute_dtype)
-    throughput = Throughput(config.batch_size * config.seq_len, flops_per_token(config),
-                            peak * replicas if peak else None)
-    monitor = PrecisionMonitor(log_dir=str(out / "tensorboard" / "kmp"), verbose=True)
-    callbacks = [
-        monitor, throughput, history,
-        TensorBoardScalars(out / "tensorboard", update_freq=10),
-        Checkpoint(ckpt_dir, extra_state=lambda: {"history": history.state()}),
-    ]
-    # A progress bar on a terminal; one line per epoch in a log file or pipe.
-    model.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=batches_per_epoch, validation_data=val_ds, callbacks=callbacks,
-              shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
-
-    # 5. Summary: validation loss and perplexity, samples, the loss curve, metrics.json.
+    # 3. Summary: validation loss and perplexity, samples, the loss curve, metrics.json.
     val_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
-    samples = report.sample_text(model, tokenizer, [config.prompt] * config.samples,
+    samples = report.sample_text(model, cache.tokenizer(), [config.prompt] * config.samples,
                                  max_length=min(config.seq_len, 128), seed=config.seed)
     (out / "samples.txt").write_text("\n\n-----\n\n".join(samples) + "\n")
     report.plot_losses(history, out / "loss.png",
-                       f"{config.preset}: {plan.policy} on {hw.describe()}"[:90])
-    scaler = optimizer if isinstance(optimizer, kmp.LossScaleOptimizer) else None
+                       f"{config.preset}: {precision.policy} on {detect().describe()}"[:90],
+                       plan.recoveries)
+    scaler = model.optimizer if isinstance(model.optimizer, kmp.LossScaleOptimizer) else None
     state = scaler.state() if scaler is not None else {}
     metrics = {
-        "policy": plan.policy,
+        "policy": precision.policy,
         "steps": int(model.optimizer.iterations.numpy()),
         "final_train_loss": history.final_train_loss(),
         "val_loss": val_loss,
@@ -157,6 +126,7 @@ def train(config: GPTConfig, out: Path, verified: dict | None, replicas: int,
         "mfu": throughput.mfu,
         "skipped_steps": int(state.get("skipped_steps", 0)),
         "final_loss_scale": state.get("loss_scale"),
+        "recoveries": plan.recoveries,
         "wall_seconds": time.time() - started,
     }
     write_json_atomic(out / "metrics.json", metrics)
@@ -170,6 +140,118 @@ def train(config: GPTConfig, out: Path, verified: dict | None, replicas: int,
     print(f"outputs in {out}/: metrics.json, samples.txt, loss.png, model.keras, "
           "checkpoints/, tensorboard/")
     return 0
+
+
+def fit(config: GPTConfig, out: Path, cache, val_ds, precision, plan: RecoveryPlan,
+        record: dict | None, replicas: int):
+    """Builds the model under `precision`, restores `record`'s checkpoint (if any) and trains
+    to the end; raises `kmp.recovery.Event` when the run breaks (with `config.recover`)."""
+    interval = config.eval_interval
+    batches_per_epoch = interval * config.grad_accum
+    epochs = config.steps // interval
+    jit = precision.jit_compile if config.jit is None else config.jit
+    print(f"precision: {precision}\n  XLA: {'on' if jit else 'off'}")
+
+    # The model and optimizer (the same initial weights in every attempt).
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, float32_residual=plan.float32_residual)
+    first = (record["epoch"] if record else 0) * batches_per_epoch  # the first batch's index
+    faults = injectors(config, plan, first)
+    loss = lm_loss()
+    for injector in faults:
+        loss = injector.wrap(loss)
+    # The skip budget: the optimizer stops the run at it, or the Watchdog recovers from it.
+    budget = {"max_consecutive_skips": None if config.recover else config.max_skips}
+    kmp.compile(model, make_optimizer(config, model, plan.lr_windows), loss=loss,
+                weighted_metrics=[], jit_compile=jit,
+                loss_scale=budget if precision.loss_scaling else None)
+    print(f"model: GPT-2 {config.num_layers} layers x {config.hidden_dim} wide, "
+          f"{model.count_params():,} parameters, {replicas} replica(s), "
+          f"backend {backends.name()}")
+
+    # Fit: `epochs` rounds of `interval` steps, validation and a checkpoint after each.
+    ckpt_dir = out / "checkpoints"
+    initial_epoch, history_state = 0, None
+    if record is not None:
+        restore(model, ckpt_dir, record)
+        initial_epoch, history_state = record["epoch"], record["extra"].get("history")
+        print(f"resume: from step {record['step']} (epoch {initial_epoch} of {epochs})")
+        change = precision_change(record, model)
+        if change and plan.policy is None:  # a recovery's own change is announced by it
+            print(f"resume: warning: {change}")
+    history = report.LossHistory(config.grad_accum, state=history_state)
+    train_ds = data.train_dataset(cache, config.seq_len, config.batch_size, config.seed,
+                                  start=first, stop=epochs * batches_per_epoch, skip=plan.skip)
+    peak = peak_flops(detect(), keras.config.dtype_policy().compute_dtype)
+    throughput = Throughput(config.batch_size * config.seq_len, flops_per_token(config),
+                            peak * replicas if peak else None)
+    checkpoint = Checkpoint(ckpt_dir, extra_state=lambda: {"history": history.state(),
+                                                           "recovery": plan.state()})
+    callbacks = [
+        PrecisionMonitor(log_dir=str(out / "tensorboard" / "kmp"), verbose=True, step=first),
+        throughput, history, TensorBoardScalars(out / "tensorboard", update_freq=10),
+        checkpoint, *faults,
+    ]
+    if config.recover:  # first: it must see a broken epoch before the checkpoint does
+        callbacks.insert(0, Watchdog(config.spike_factor, config.spike_window,
+                                     config.max_skips, first, config.grad_accum,
+                                     recent=[value for _, value in history.train]))
+        if record is None:  # something to roll back to before the first epoch ends
+            model.optimizer.build(model.trainable_variables)
+            checkpoint.set_model(model)
+            checkpoint.save(0)
+    # A progress bar on a terminal; one line per epoch in a log file or pipe.
+    try:
+        model.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=batches_per_epoch, validation_data=val_ds,
+                  callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    except Event as event:
+        for callback in callbacks:  # close what the interrupted fit left open
+            callback.on_train_end()
+        event.losses = list(history.train)  # roll_back keeps the steps it abandons
+        if event.loss is not None:
+            event.losses.append(((event.batch + 1) / config.grad_accum, event.loss))
+        raise
+    return model, history, throughput
+
+
+def injectors(config: GPTConfig, plan: RecoveryPlan, first: int) -> list:
+    """One FaultInjector per kind in `--inject-fault`, keyed to data positions (`first` is the
+    index of the fit's first batch): a rolled-back run that skips the faulty window does not
+    meet the fault again."""
+    faults = parse_faults(config.inject_fault)
+    made = []
+    for kind in sorted({f.kind for f in faults}):
+        chosen = [f for f in faults if f.kind == kind]
+
+        def hit(k, chosen=chosen):
+            step = plan.position(first + k) // config.grad_accum
+            return any(f.hits(step) for f in chosen)
+
+        made.append(FaultInjector(steps=hit, kind=kind))
+    return made
+
+
+def roll_back(config: GPTConfig, out: Path, plan: RecoveryPlan, event: Event,
+              policy: str) -> dict:
+    """Records the recovery from `event` (or raises TrainingStopped when the ladder is spent),
+    saves the new plan into the last verified checkpoint's record and returns that record."""
+    ckpt_dir = out / "checkpoints"
+    record = verify(ckpt_dir)
+    done = plan.decide(event, record["epoch"] * config.eval_interval, policy, detect().bf16,
+                       config.grad_accum, iteration=record["step"])
+    done["abandoned_losses"] = [list(x) for x in getattr(event, "losses", [])
+                                if x[0] > done["rolled_back_to"]]  # for the plot
+    line = (f"recover: step {event.step}: {CAUSES[event.cause]} ({event.detail}) -> "
+            f"{done['action']} (attempt {done['attempt']} of {config.recover_attempts})")
+    print(line, flush=True)
+    writer = SummaryWriter(out / "tensorboard" / "recovery")
+    writer.text("kmp/recovery", line, event.step)
+    writer.scalar("kmp/recoveries", len(plan.recoveries), event.step)
+    writer.close()
+    record["extra"]["recovery"] = plan.state()
+    write_json_atomic(ckpt_dir / LATEST, record)  # a kill from here on resumes with the plan
+    return record
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Gradients for tests, on any Keras backend (through kmp's backend seam)."""
+"""Helpers for tests: gradients on any Keras backend (through kmp's backend seam), and the
+arrays of a checkpoint file."""
 
 import keras
 
@@ -28,3 +29,14 @@ def value_and_grads(fn, x, layers=()):
     by_id = dict(zip(map(id, holder.trainable_variables), grads))
     return (keras.ops.convert_to_numpy(value),
             [keras.ops.convert_to_numpy(by_id[id(v)]) for v in wanted])
+
+
+def h5_arrays(path) -> dict:
+    """Every dataset of an HDF5 file (a checkpoint's weights), by its path in the file."""
+    import h5py
+
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return arrays

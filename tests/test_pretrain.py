@@ -46,9 +46,10 @@ def test_tiny_run_writes_every_output(tmp_path, fake_hardware):
                        "--samples", "2")
     assert list(metrics) == ["policy", "steps", "final_train_loss", "val_loss", "val_perplexity",
                              "tokens_per_sec", "mfu", "skipped_steps", "final_loss_scale",
-                             "wall_seconds"]
+                             "recoveries", "wall_seconds"]
     assert metrics["policy"] == "float32" and metrics["steps"] == 6
     assert metrics["mfu"] is None and metrics["final_loss_scale"] is None  # no scaling
+    assert metrics["recoveries"] == []
     assert math.isclose(metrics["val_perplexity"], math.exp(metrics["val_loss"]), rel_tol=1e-6)
     for name in ("config.json", "loss.png", "samples.txt", "model.keras"):
         assert (out / name).stat().st_size > 0, name

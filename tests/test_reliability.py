@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from _helpers import h5_arrays
 
 import kmp
 from kmp import backends
@@ -208,16 +209,6 @@ def _pretrain(tmp_path, out, mode="none", at=0, *extra, backend="tensorflow"):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
-def _h5_arrays(path):
-    import h5py
-
-    arrays = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
-    return arrays
-
-
 @pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_sigkill_mid_training_and_mid_checkpoint_then_resume_equals_one_run(tmp_path, reliability,
                                                                             backend):
@@ -246,8 +237,8 @@ def test_sigkill_mid_training_and_mid_checkpoint_then_resume_equals_one_run(tmp_
     ref_ckpt = checkpoint.latest(tmp_path / "ref" / "checkpoints")
     new_ckpt = checkpoint.latest(out / "checkpoints")
     assert ref_ckpt["extra"]["history"] == new_ckpt["extra"]["history"]  # same data, same losses
-    ref_arrays = _h5_arrays(tmp_path / "ref" / "checkpoints" / ref_ckpt["weights"])
-    new_arrays = _h5_arrays(out / "checkpoints" / new_ckpt["weights"])
+    ref_arrays = h5_arrays(tmp_path / "ref" / "checkpoints" / ref_ckpt["weights"])
+    new_arrays = h5_arrays(out / "checkpoints" / new_ckpt["weights"])
     assert ref_arrays.keys() == new_arrays.keys() and len(ref_arrays) > 40
     for name in ref_arrays:  # weights, AdamW moments, iterations, loss scale and its counters
         np.testing.assert_array_equal(ref_arrays[name], new_arrays[name], err_msg=name)

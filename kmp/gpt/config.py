@@ -12,7 +12,9 @@ import dataclasses
 import json
 
 from kmp.errors import UserError
+from kmp.faults import parse_faults
 from kmp.policy import CHOICES
+from kmp.recovery import SPIKE_FACTOR, SPIKE_WINDOW
 
 STRATEGIES = ("default", "mirrored")
 
@@ -64,6 +66,21 @@ class GPTConfig:
         out: str. Output directory.
         seed: int. Seed for data order and initialization.
         resume: bool. Continue from the checkpoint in `out`.
+        recover: bool. When the run breaks (skip budget spent, loss spike, non-finite loss or
+            weights), roll back to the last checkpoint, skip the data that led there and
+            retry, lowering the learning rate and then precision if it recurs
+            (`kmp.recovery`).
+        max_skips: int. Consecutive skipped steps (loss scaling) that make an overflow storm:
+            recovered from, or without `recover` the run stops.
+        spike_factor: float. A step whose loss exceeds this times the median of the last
+            `spike_window` steps is a spike.
+        spike_window: int. Steps in that running median.
+        recover_attempts: int. Recoveries from a recurring event before the run stops.
+        recover_stretch: int. Steps within which an event counts as the previous one
+            recurring, and for which a halved learning rate lasts.
+        inject_fault: str. Rehearse a failure: KIND@STEP[xCOUNT], comma-separated, KIND one
+            of nan, inf (gradients) or spike (the loss times 100), STEP counted in the data
+            stream's positions, e.g. nan@200x30 or spike@300. Empty: none.
     """
 
     preset: str = "tiny"
@@ -94,6 +111,13 @@ class GPTConfig:
     out: str = "runs/tiny"
     seed: int = 0
     resume: bool = False
+    recover: bool = True
+    max_skips: int = 20
+    spike_factor: float = SPIKE_FACTOR
+    spike_window: int = SPIKE_WINDOW
+    recover_attempts: int = 4
+    recover_stretch: int = 100
+    inject_fault: str = ""
 
     def __post_init__(self):
         self.validate()
@@ -101,7 +125,8 @@ class GPTConfig:
     def validate(self):
         """Raises UserError, saying what was received, for any inconsistent field."""
         positive = ("vocab_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
-                    "seq_len", "batch_size", "grad_accum", "steps", "val_every", "val_batches")
+                    "seq_len", "batch_size", "grad_accum", "steps", "val_every", "val_batches",
+                    "max_skips", "spike_window", "recover_attempts", "recover_stretch")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -131,6 +156,10 @@ class GPTConfig:
                             f"Received: vocab_size={self.vocab_size}", field="vocab_size")
         if self.samples < 0:
             raise UserError(f"samples must be >= 0. Received: {self.samples}", field="samples")
+        if not self.spike_factor > 1:
+            raise UserError(f"spike_factor must be > 1. Received: {self.spike_factor}",
+                            field="spike_factor")
+        parse_faults(self.inject_fault)
         if self.warmup_steps < 0:
             raise UserError(f"warmup_steps must be >= 0. Received: {self.warmup_steps}",
                             field="warmup_steps")

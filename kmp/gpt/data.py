@@ -23,6 +23,7 @@ import numpy as np
 
 from kmp.checkpoint import write_bytes_atomic, write_json_atomic
 from kmp.errors import UserError
+from kmp.recovery import position
 
 EOT = "<|endoftext|>"
 # keras-hub pads prompts with id 0 and stops generating at the end token, so id 0 must not be
@@ -230,18 +231,22 @@ class Batches(keras.utils.PyDataset):
         seed: int. Seed of the window positions.
         start: int. Index of the first batch.
         stop: int. Index after the last batch.
+        skip: list of (first, last). Data positions left out of the stream (inclusive
+            windows, sorted): batch b reads position `kmp.recovery.position(b, skip)`.
+            Defaults to none.
     """
 
-    def __init__(self, tokens, seq_len, batch_size, seed, start, stop):
+    def __init__(self, tokens, seq_len, batch_size, seed, start, stop, skip=()):
         super().__init__()
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
-        self.start, self.stop = start, stop
+        self.start, self.stop, self.skip = start, stop, tuple(tuple(w) for w in skip)
 
     def __len__(self):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        x, y = window_batch(self.tokens, self.seq_len, self.batch_size, self.seed, self.start + i)
+        index = position(self.start + i, self.skip)
+        x, y = window_batch(self.tokens, self.seq_len, self.batch_size, self.seed, index)
         return _lm_inputs(x), y
 
 
@@ -261,11 +266,12 @@ class Windows(keras.utils.PyDataset):
 
 
 def train_dataset(cache: TokenCache, seq_len: int, batch_size: int, seed: int, start: int,
-                  stop: int) -> Batches:
-    """Training batches `start` .. `stop - 1` (random windows) of the cache's train split."""
+                  stop: int, skip=()) -> Batches:
+    """Training batches `start` .. `stop - 1` (random windows) of the cache's train split,
+    leaving out the data positions in `skip` (see `Batches`)."""
     tokens = cache.train
     _check_fits(tokens, seq_len, "train")
-    return Batches(tokens, seq_len, batch_size, seed, start, stop)
+    return Batches(tokens, seq_len, batch_size, seed, start, stop, skip)
 
 
 def val_dataset(cache: TokenCache, seq_len: int, batch_size: int, max_batches: int) -> Windows:

@@ -13,6 +13,7 @@ from kmp.gpt.config import GPTConfig
 from kmp.hardware import detect
 from kmp.layers import harden
 from kmp.layers.harden import set_float32_residual
+from kmp.recovery import ScaledSchedule
 
 
 @keras.saving.register_keras_serializable(package="kmp")
@@ -198,10 +199,12 @@ def _no_decay_variables(model) -> list:
     return list(chosen.values())
 
 
-def make_optimizer(config: GPTConfig, model) -> keras.optimizers.Optimizer:
+def make_optimizer(config: GPTConfig, model, lr_windows=()) -> keras.optimizers.Optimizer:
     """AdamW with linear warm-up then cosine decay to 10%, global-norm clipping and accumulation.
 
-    Weight decay skips norms, biases and embeddings. `model` must be built.
+    Weight decay skips norms, biases and embeddings. `model` must be built. `lr_windows`,
+    (start, stop, factor) step ranges, scale the learning rate there (a recovery's halving,
+    `kmp.recovery.ScaledSchedule`).
     """
     decay_steps = max(1, config.steps - config.warmup_steps)
     if config.warmup_steps:
@@ -211,6 +214,8 @@ def make_optimizer(config: GPTConfig, model) -> keras.optimizers.Optimizer:
     else:
         schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps,
                                                           alpha=0.1)
+    if lr_windows:
+        schedule = ScaledSchedule(schedule, lr_windows)
     optimizer = keras.optimizers.AdamW(
         learning_rate=schedule, weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.95,
         epsilon=1e-8, global_clipnorm=config.grad_clip or None,

@@ -6,15 +6,18 @@ import math
 
 import keras
 
+from kmp.callbacks import BatchLoss
+
 METRIC_KEYS = ("policy", "steps", "final_train_loss", "val_loss", "val_perplexity",
-               "tokens_per_sec", "mfu", "skipped_steps", "final_loss_scale", "wall_seconds")
+               "tokens_per_sec", "mfu", "skipped_steps", "final_loss_scale", "recoveries",
+               "wall_seconds")
 
 
 class LossHistory(keras.callbacks.Callback):
     """Records the training loss of every batch and the validation loss of every epoch.
 
-    Keras logs a running mean of the loss over the epoch; the loss of batch k is recovered as
-    k·mean_k − (k−1)·mean_(k−1), computed in float64.
+    Keras logs a running mean of the loss over the epoch; each batch's own loss is recovered
+    from it (`kmp.callbacks.BatchLoss`).
 
     Args:
         batches_per_step: int. Micro-batches per optimizer step (gradient accumulation); the
@@ -29,21 +32,21 @@ class LossHistory(keras.callbacks.Callback):
         self.train = [tuple(x) for x in state.get("train", [])]  # (step, loss) per batch
         self.val = [tuple(x) for x in state.get("val", [])]  # (step, loss) per epoch
         self._batches = len(self.train)
+        self._losses = BatchLoss()
 
     def state(self) -> dict:
         """JSON-serializable history, for checkpoints."""
         return {"train": [list(x) for x in self.train], "val": [list(x) for x in self.val]}
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._total = 0.0
+        self._losses.reset()
 
     def on_train_batch_end(self, batch, logs=None):
         if not logs or "loss" not in logs:
             return
-        total = float(logs["loss"]) * (batch + 1)
         self._batches += 1
-        self.train.append((self._batches / self.batches_per_step, total - self._total))
-        self._total = total
+        self.train.append((self._batches / self.batches_per_step,
+                           self._losses.update(batch, logs["loss"])))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs and "val_loss" in logs:
@@ -55,23 +58,37 @@ class LossHistory(keras.callbacks.Callback):
         return sum(tail) / len(tail) if tail else None
 
 
-def plot_losses(history: LossHistory, path, title: str):
-    """Writes a PNG of the training loss per step and the validation loss per evaluation."""
+def plot_losses(history: LossHistory, path, title: str, recoveries=()):
+    """Writes a PNG of the training loss per step and the validation loss per evaluation,
+    with each recovery's abandoned steps in red over the span it rolled back (a spike's
+    values run off the top: the axis fits the kept losses)."""
     from matplotlib.figure import Figure  # not pyplot: no global backend change
 
     fig = Figure(figsize=(7, 4), dpi=120)
     ax = fig.subplots()
+    kept = [loss for _, loss in history.train if math.isfinite(loss)]
     if history.train:
         steps, losses = zip(*history.train)
         ax.plot(steps, losses, lw=0.8, alpha=0.7, label="train (per step)")
     if history.val:
         steps, losses = zip(*history.val)
         ax.plot(steps, losses, "o-", label="validation")
+    if kept:
+        ax.set_ylim(min(kept) - 0.05 * (max(kept) - min(kept)), max(kept) * 1.05)
+    for i, rec in enumerate(recoveries):
+        if rec.get("abandoned_losses"):
+            steps, losses = zip(*rec["abandoned_losses"])
+            ax.plot(steps, losses, lw=0.8, color="tab:red",
+                    label="rolled back" if i == 0 else None)
+        ax.axvspan(rec["rolled_back_to"], rec["step"] + 1, color="tab:red", alpha=0.12)
+        ax.annotate(f"{rec['cause']} at {rec['step']}: back to {rec['rolled_back_to']}",
+                    (rec["step"], ax.get_ylim()[1]), fontsize=7, ha="right", va="top",
+                    color="tab:red", xytext=(-2, -2 - 9 * i), textcoords="offset points")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center right" if recoveries else "best")
     fig.tight_layout()
     fig.savefig(path)
 
@@ -109,4 +126,7 @@ def summary(metrics: dict, vocab_size: int) -> str:
         f"(a uniform guess: ln({vocab_size}) = {math.log(vocab_size):.2f})",
         f"{metrics['steps']} steps in {metrics['wall_seconds']:.0f} s, {speed}",
         f"{metrics['policy']}: {metrics['skipped_steps']} skipped steps, {scaling}",
+        *([f"{len(metrics['recoveries'])} recover(ies): "
+           + "; ".join(f"step {r['step']} {r['cause']}" for r in metrics["recoveries"])]
+          if metrics.get("recoveries") else []),
     ])
