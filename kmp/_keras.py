@@ -102,3 +102,44 @@ def recorded_outputs(model, probes=None):
                     del layer.call
                 else:
                     layer.call = call
+
+
+@contextlib.contextmanager
+def gptq_awq_saveable(model):
+    """Makes a GPTQ/AWQ-quantized model's `.keras` file reloadable.
+
+    Keras 3.15.1's Dense/EinsumDense `save_own_variables` writes `kernel_zero` only when
+    `_get_kernel_with_merged_lora()` returns one, and that returns None for gptq/awq: the file
+    lacks the zero points and `load_model` fails ("expected 5 variables, but received 4").
+    Inside this context each such layer returns its own `kernel_zero`.
+    """
+    patched = []
+    for layer in flatten_layers(model):
+        if (getattr(layer, "quantization_mode", None) in ("gptq", "awq")
+                and hasattr(layer, "_get_kernel_with_merged_lora")
+                and hasattr(layer, "kernel_zero")):
+            layer.__dict__["_get_kernel_with_merged_lora"] = (
+                lambda layer=layer: (layer.kernel, None, layer.kernel_zero))
+            patched.append(layer)
+    try:
+        yield model
+    finally:
+        for layer in patched:
+            del layer.__dict__["_get_kernel_with_merged_lora"]
+
+
+def restore_int4_reverse_inputs(model):
+    """Undoes a reload difference of int4 ReversibleEmbeddings (tied GPT vocabulary projections).
+
+    `quantize("int4")` leaves the reverse projection's inputs in float (Keras's default
+    Int4QuantizationConfig quantizes weights only), but a reloaded layer has no quantization
+    config and Keras 3.15.1's `ReversibleEmbedding._int4_build` then falls back to an int8
+    AbsMaxQuantizer for those inputs: the reloaded model's logits differ. Only Keras's default
+    int4 config is assumed (what kmp uses).
+    """
+    for layer in flatten_layers(model):
+        if (isinstance(layer, keras.layers.ReversibleEmbedding)
+                and getattr(layer, "quantization_mode", None) == "int4"
+                and layer.quantization_config is None):
+            layer.inputs_quantizer = None
+

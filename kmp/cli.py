@@ -20,7 +20,7 @@ BACKENDS = ("tensorflow", "jax", "torch")  # kmp.backends.SUPPORTED, named witho
 # Config fields a command does not use, so its --help does not offer them.
 _RUN_ONLY = ("jit", "strategy", "prompt", "samples", "resume", "val_every", "val_batches",
              "recover", "max_skips", "spike_factor", "spike_window", "recover_attempts",
-             "recover_stretch", "inject_fault")
+             "recover_stretch", "inject_fault", "float8")
 _NOT_USED = {
     "bench": {"precision", "steps", "warmup_steps", *_RUN_ONLY},
     "memory": {"precision", "steps", "warmup_steps", "learning_rate", "weight_decay",
@@ -103,6 +103,31 @@ def _pretrain(args, rest) -> int:
     from kmp.recipes import pretrain_gpt
 
     return pretrain_gpt.main(rest)
+
+
+def _quantize(args, rest) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kmp quantize", description="Quantize a finished `kmp pretrain` run every way "
+        "asked (Keras's int8, int4, GPTQ, AWQ) and measure each: validation loss, perplexity "
+        "and its change, .keras size, the loss after a fresh load, forward tokens/s.")
+    parser.add_argument("--run", required=True, metavar="DIR", help="the run's --out directory")
+    parser.add_argument("--modes", default="int8,int4,gptq,awq",
+                        help="comma-separated: int8, int4, gptq, awq (default: all)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="where <mode>.keras, quantize.json and quantize.md go")
+    parser.add_argument("--calibration-batches", type=int, default=4,
+                        help="training batches that calibrate GPTQ and AWQ (default: 4)")
+    opts = parser.parse_args(rest)
+    from kmp.gpt import quantize
+
+    modes = quantize.parse_modes(opts.modes)
+    if opts.calibration_batches < 1:
+        raise UserError(f"--calibration-batches must be >= 1. Received: "
+                        f"{opts.calibration_batches}")
+    rows = quantize.quantize_run(opts.run, modes, opts.out, opts.calibration_batches)
+    print(quantize.table(rows))
+    print(f"written: {opts.out}/quantize.json, quantize.md and one .keras per mode")
+    return 0
 
 
 def _bench(args, rest) -> int:
@@ -353,6 +378,8 @@ def main(argv=None) -> int:
                    help="compare precisions and XLA on a GPT preset (kmp bench --help)")
     sub.add_parser("memory", add_help=False,
                    help="estimate training memory of a GPT preset (kmp memory --help)")
+    sub.add_parser("quantize", add_help=False,
+                   help="quantize a trained GPT run and price each mode (kmp quantize --help)")
     for name, text in _DIAGNOSES.items():
         sub.add_parser(name, add_help=False, help=f"{text} (kmp {name} --help)")
     args, _ = parser.parse_known_args(argv)
@@ -365,7 +392,8 @@ def main(argv=None) -> int:
         if args.command in _DIAGNOSES:
             return _diagnose(args.command, rest)
         if args.command != "doctor":
-            run = {"pretrain": _pretrain, "bench": _bench, "memory": _memory}[args.command]
+            run = {"pretrain": _pretrain, "bench": _bench, "memory": _memory,
+                   "quantize": _quantize}[args.command]
             return run(args, rest)
         return _doctor(args)
     except UserError as e:  # the user's mistake: one line, exit 2

@@ -142,6 +142,7 @@ class FaultInjector(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
+        self._flag().set(False)  # disarmed between steps: validation never sees a fault
 
     def on_train_end(self, logs=None):
         self._flag().set(False)

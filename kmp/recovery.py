@@ -27,7 +27,6 @@ import math
 import statistics
 
 import keras
-import numpy as np
 from keras import ops
 
 from kmp import backends
@@ -48,7 +47,7 @@ class Event(Exception):
 
     Args:
         cause: str. One of `CAUSES`.
-        step: int. The optimizer step (from 0) whose batch showed it.
+        step: int. The run's step (from 0, skipped steps included) whose batch showed it.
         batch: int. That batch's index in the run (from 0; steps x gradient accumulation).
         detail: str. What was seen.
         loss: float or None. That batch's loss, if it had one. Defaults to None.
@@ -87,7 +86,8 @@ class Watchdog(keras.callbacks.Callback):
                  first_batch=0, batches_per_step=1, recent=()):
         super().__init__()
         self.spike_factor, self.max_skips = float(spike_factor), max_skips
-        self.recent = collections.deque(list(recent)[-window:] if window else [], maxlen=window)
+        finite = [x for x in recent if math.isfinite(x)]
+        self.recent = collections.deque(finite[-window:] if window else [], maxlen=window)
         self.batch, self.batches_per_step = first_batch, batches_per_step
         self._losses = BatchLoss()
 
@@ -132,10 +132,22 @@ class Watchdog(keras.callbacks.Callback):
                                   loss)
         self.recent.append(loss)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def _nonfinite_weights(self) -> list[str]:
         backends.sync_state(self.model)
-        bad = [v.path for v in self.model.weights
-               if not np.isfinite(ops.convert_to_numpy(v)).all()]
+        weights = [v for v in self.model.weights if "float" in str(v.dtype)]
+        flags = ops.convert_to_numpy(ops.stack([ops.all(ops.isfinite(v)) for v in weights]))
+        bad = [v.path for v, ok in zip(weights, flags) if not ok]  # one host read
+        return bad
+
+    def on_train_begin(self, logs=None):
+        bad = self._nonfinite_weights()
+        if bad:
+            raise TrainingStopped(
+                f"the weights to train from are already non-finite ({', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}): nothing to roll back to. Start a new run.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        bad = self._nonfinite_weights()
         if bad:
             self.batch = max(self.batch - 1, 0)  # the epoch's last batch
             raise self._event("nonfinite_weights", f"in {', '.join(bad[:5])}"
@@ -180,7 +192,7 @@ class RecoveryPlan:
     >>> record = plan.decide(Event("spike", 130, 130, "loss 9.1"), rolled_back_to=100,
     ...                      policy="mixed_float16")
     >>> record["action"], plan.position(100)
-    ('roll back to step 100, skip batches 100-130', 131)
+    ('roll back to step 100, skip data positions 100-130', 131)
     """
 
     def __init__(self, attempts=4, stretch=100, state=None):
@@ -208,14 +220,17 @@ class RecoveryPlan:
 
         Args:
             event: Event. What broke.
-            rolled_back_to: int. The step of the checkpoint the run goes back to, counted
-                as `event.step` is (in the data stream, skipped steps included).
+            rolled_back_to: int. The run's step of the checkpoint to go back to, counted as
+                `event.step` is (from 0, skipped steps included).
             policy: str. The policy the run broke under.
             bf16: bool. Whether the hardware computes bfloat16 natively.
             batches_per_step: int. Gradient accumulation.
             iteration: int or None. The optimizer's own step count at that checkpoint
                 (skipped steps do not count), where a halved learning rate starts. Defaults
                 to `rolled_back_to`.
+
+        The skipped window is in data positions (batches); the learning-rate window is in the
+        schedule's counter (micro-batches: `iteration x batches_per_step`).
 
         Raises:
             TrainingStopped: when the ladder is exhausted.
@@ -232,12 +247,14 @@ class RecoveryPlan:
                 "there, or raise the recovery attempts.")
         first = self.position(rolled_back_to * batches_per_step)
         window = (first, max(first, self.position(event.batch)))
-        actions = [f"roll back to step {rolled_back_to}, skip batches {window[0]}-{window[1]}"]
+        actions = [f"roll back to step {rolled_back_to}, skip data positions "
+                   f"{window[0]}-{window[1]}"]
         self.skip = _merge([*self.skip, window])
         if attempt >= 2:
-            start = rolled_back_to if iteration is None else iteration
-            self.lr_windows.append((start, start + self.stretch, 0.5))
-            actions.append(f"halve the learning rate for {self.stretch} steps")
+            start = (rolled_back_to if iteration is None else iteration) * batches_per_step
+            self.lr_windows.append((start, start + self.stretch * batches_per_step, 0.5))
+            factor = math.prod(f for a, b, f in self.lr_windows if a <= start < b)
+            actions.append(f"learning rate x{factor:g} for {self.stretch} steps")
         if attempt >= 3:
             now = self.policy or policy
             if now == "mixed_float16" and bf16:

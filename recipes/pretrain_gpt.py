@@ -11,7 +11,9 @@ loss.png, samples.txt, metrics.json and model.keras.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import sys
 import time
@@ -23,11 +25,12 @@ import kmp
 from kmp import backends
 from kmp.callbacks import PrecisionMonitor, SummaryWriter, TensorBoardScalars, Throughput
 from kmp.checkpoint import LATEST, Checkpoint, precision_change, restore, verify, write_json_atomic
-from kmp.errors import UserError
+from kmp.errors import TrainingStopped, UserError
 from kmp.faults import FaultInjector, parse_faults
 from kmp.gpt import data, report
 from kmp.gpt.config import GPTConfig, add_arguments, from_args
 from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
+from kmp.gpt.quantize import quantize_float8
 from kmp.hardware import detect, peak_flops
 from kmp.recovery import CAUSES, Event, RecoveryPlan, Watchdog
 
@@ -105,6 +108,7 @@ def train(config: GPTConfig, out: Path, verified: dict | None, replicas: int,
             break
         except Event as event:
             record = roll_back(config, out, plan, event, precision.policy)
+        gc.collect()  # the broken attempt's model and optimizer, before the next is built
 
     # 3. Summary: validation loss and perplexity, samples, the loss curve, metrics.json.
     val_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
@@ -155,6 +159,8 @@ def fit(config: GPTConfig, out: Path, cache, val_ds, precision, plan: RecoveryPl
     # The model and optimizer (the same initial weights in every attempt).
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, float32_residual=plan.float32_residual)
+    if config.float8:  # float8 matmuls in every Dense/EinsumDense (FP8 training, simulated on CPUs)
+        quantize_float8(model)
     first = (record["epoch"] if record else 0) * batches_per_epoch  # the first batch's index
     faults = injectors(config, plan, first)
     loss = lm_loss()
@@ -175,10 +181,14 @@ def fit(config: GPTConfig, out: Path, cache, val_ds, precision, plan: RecoveryPl
     if record is not None:
         restore(model, ckpt_dir, record)
         initial_epoch, history_state = record["epoch"], record["extra"].get("history")
-        print(f"resume: from step {record['step']} (epoch {initial_epoch} of {epochs})")
+        print(f"resume: from step {initial_epoch * interval} (epoch {initial_epoch} of "
+              f"{epochs})")
         change = precision_change(record, model)
-        if change and plan.policy is None:  # a recovery's own change is announced by it
+        if change:
             print(f"resume: warning: {change}")
+        if plan.policy and plan.policy != config.precision:
+            print(f"resume: under {plan.policy}, which a recovery chose (not --precision "
+                  f"{config.precision})")
     history = report.LossHistory(config.grad_accum, state=history_state)
     train_ds = data.train_dataset(cache, config.seq_len, config.batch_size, config.seed,
                                   start=first, stop=epochs * batches_per_epoch, skip=plan.skip)
@@ -207,7 +217,10 @@ def fit(config: GPTConfig, out: Path, cache, val_ds, precision, plan: RecoveryPl
                   callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
     except Event as event:
         for callback in callbacks:  # close what the interrupted fit left open
-            callback.on_train_end()
+            try:
+                callback.on_train_end()
+            except Exception as e:  # the event is what matters now
+                print(f"recover: warning: closing {type(callback).__name__} failed: {e}")
         event.losses = list(history.train)  # roll_back keeps the steps it abandons
         if event.loss is not None:
             event.losses.append(((event.batch + 1) / config.grad_accum, event.loss))
@@ -237,11 +250,16 @@ def roll_back(config: GPTConfig, out: Path, plan: RecoveryPlan, event: Event,
     """Records the recovery from `event` (or raises TrainingStopped when the ladder is spent),
     saves the new plan into the last verified checkpoint's record and returns that record."""
     ckpt_dir = out / "checkpoints"
-    record = verify(ckpt_dir)
+    try:
+        record = verify(ckpt_dir)
+    except UserError as e:
+        raise TrainingStopped(f"step {event.step}: {CAUSES[event.cause]}, and no checkpoint "
+                              f"to roll back to: {e}") from e
     done = plan.decide(event, record["epoch"] * config.eval_interval, policy, detect().bf16,
                        config.grad_accum, iteration=record["step"])
-    done["abandoned_losses"] = [list(x) for x in getattr(event, "losses", [])
-                                if x[0] > done["rolled_back_to"]]  # for the plot
+    done["abandoned_losses"] = [[x, loss if math.isfinite(loss) else None]  # for the plot
+                                for x, loss in getattr(event, "losses", [])
+                                if x > done["rolled_back_to"]]
     line = (f"recover: step {event.step}: {CAUSES[event.cause]} ({event.detail}) -> "
             f"{done['action']} (attempt {done['attempt']} of {config.recover_attempts})")
     print(line, flush=True)

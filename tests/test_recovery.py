@@ -60,12 +60,13 @@ def test_the_ladder_skips_then_halves_then_changes_precision_then_stops():
                              policy="mixed_float16", bf16=True, iteration=97)
         actions.append(record["action"])
     assert [r["attempt"] for r in plan.recoveries] == [1, 2, 3, 4]
-    assert actions[0] == "roll back to step 100, skip batches 100-124"
+    assert actions[0] == "roll back to step 100, skip data positions 100-124"
     # Each retry reads on past the windows already skipped: step 100 now reads position 125.
     assert plan.recoveries[1]["skipped_batches"] == [125, 149]
     assert plan.skip == [(100, 193)]  # 100-124, 125-149, 150-171, 172-193, merged
-    assert "halve the learning rate for 50 steps" in actions[1]
+    assert "learning rate x0.5 for 50 steps" in actions[1]
     assert plan.lr_windows[0] == (97, 147, 0.5)  # from the optimizer's own step
+    assert "learning rate x0.25 for 50 steps" in actions[2]  # halved again
     assert actions[2].endswith("mixed_float16 -> mixed_bfloat16")
     assert plan.policy == "mixed_bfloat16"
     assert actions[3].endswith("mixed_bfloat16 with a float32 residual stream")
@@ -88,6 +89,43 @@ def test_without_native_bf16_the_precision_rung_is_the_float32_residual():
                              bf16=False)
     assert record["action"].endswith("mixed_float16 with a float32 residual stream")
     assert plan.policy is None and plan.float32_residual
+
+
+@pytest.mark.backends
+def test_with_gradient_accumulation_the_learning_rate_windows_count_micro_batches():
+    # Keras calls the schedule with its micro-batch counter (grad_accum per optimizer step).
+    plan = RecoveryPlan(attempts=4, stretch=50)
+    for _ in range(2):
+        plan.decide(Event("spike", 120, 240, "x"), rolled_back_to=100, policy="float32",
+                    batches_per_step=2, iteration=90)
+    assert plan.lr_windows == [(180, 280, 0.5)]
+    assert plan.recoveries[0]["skipped_batches"] == [200, 240]
+    from kmp.gpt import build_model, make_optimizer, preset
+
+    config = preset("tiny", grad_accum=4, warmup_steps=10, steps=100, num_layers=1,
+                    hidden_dim=32, num_heads=2, intermediate_dim=64, vocab_size=128)
+    schedule = make_optimizer(config, build_model(config))._learning_rate
+    assert math.isclose(float(schedule(40)), config.learning_rate, rel_tol=1e-6)  # warm-up end
+    assert float(schedule(20)) < config.learning_rate
+
+
+@pytest.mark.backends
+def test_a_spike_does_not_leak_into_the_epochs_validation():
+    from kmp.faults import FaultInjector
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), rng.normal(size=(64, 1)).astype("float32")
+    losses = []
+    for steps in ([], [3]):  # the epoch's last batch spiked, or none
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        faults = FaultInjector(steps=steps, kind="spike")
+        model.compile(keras.optimizers.SGD(0.0), faults.wrap("mse"))
+        history = model.fit(x, y, batch_size=16, validation_data=(x, y), callbacks=[faults],
+                            verbose=0).history
+        losses.append((history["loss"][0], history["val_loss"][0]))
+    assert losses[1][0] > 10 * losses[0][0]  # the spike was there
+    assert losses[1][1] == losses[0][1]  # and validation did not see it
 
 
 @pytest.mark.backends
@@ -215,7 +253,7 @@ def test_a_persistent_fault_walks_the_whole_ladder_then_stops_with_what_it_tried
     plan = checkpoint.latest(out / "checkpoints")["extra"]["recovery"]
     actions = [r["action"] for r in plan["recoveries"]]
     assert len(actions) == 4 and [r["attempt"] for r in plan["recoveries"]] == [1, 2, 3, 4]
-    assert "halve the learning rate" in actions[1]
+    assert "learning rate x0.5" in actions[1]
     assert actions[2].endswith("mixed_float16 -> mixed_bfloat16")
     assert actions[3].endswith("mixed_bfloat16 with a float32 residual stream")
     # Under float16 the storm is skipped steps; under bfloat16 (no scaling) the NaN lands.
@@ -223,7 +261,7 @@ def test_a_persistent_fault_walks_the_whole_ladder_then_stops_with_what_it_tried
     assert "non-finite loss" in err
     assert captured.out.count("recover: step") == 4
     reliability("`--inject-fault nan@20x1000` (a fault that never ends; mixed_float16)",
-                "the whole ladder: skip; + halve the learning rate; + mixed_bfloat16; + float32 "
+                "the whole ladder: skip; + learning rate x0.5; + mixed_bfloat16; + float32 "
                 "residual stream; then exit 2: `" + err.strip()[:120] + "...`")
 
 

@@ -78,6 +78,9 @@ class GPTConfig:
         recover_attempts: int. Recoveries from a recurring event before the run stops.
         recover_stretch: int. Steps within which an event counts as the previous one
             recurring, and for which a halved learning rate lasts.
+        float8: bool. Train the dense layers in float8 (Keras's delayed-scaling
+            quantize-dequantize, `model.quantize("float8")`) on top of the mixed policy. Only
+            Hopper-class GPUs have float8 matmuls; elsewhere it is simulated (slower).
         inject_fault: str. Rehearse a failure: KIND@STEP[xCOUNT], comma-separated, KIND one
             of nan, inf (gradients) or spike (the loss times 100), STEP counted in the data
             stream's positions, e.g. nan@200x30 or spike@300. Empty: none.
@@ -117,6 +120,7 @@ class GPTConfig:
     spike_window: int = SPIKE_WINDOW
     recover_attempts: int = 4
     recover_stretch: int = 100
+    float8: bool = False
     inject_fault: str = ""
 
     def __post_init__(self):

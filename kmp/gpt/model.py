@@ -8,7 +8,7 @@ import keras
 import keras_hub
 from keras import ops
 
-from kmp._keras import flatten_layers
+from kmp._keras import flatten_layers, restore_int4_reverse_inputs
 from kmp.gpt.config import GPTConfig
 from kmp.hardware import detect
 from kmp.layers import harden
@@ -203,14 +203,17 @@ def make_optimizer(config: GPTConfig, model, lr_windows=()) -> keras.optimizers.
     """AdamW with linear warm-up then cosine decay to 10%, global-norm clipping and accumulation.
 
     Weight decay skips norms, biases and embeddings. `model` must be built. `lr_windows`,
-    (start, stop, factor) step ranges, scale the learning rate there (a recovery's halving,
-    `kmp.recovery.ScaledSchedule`).
+    (start, stop, factor) ranges of the schedule's counter, scale the learning rate there (a
+    recovery's halving, `kmp.recovery.ScaledSchedule`). Keras calls the schedule with its
+    micro-batch counter (`optimizer._iterations`, `grad_accum` per step), so the schedule's
+    lengths are in micro-batches.
     """
-    decay_steps = max(1, config.steps - config.warmup_steps)
+    accum = config.grad_accum
+    decay_steps = max(1, config.steps - config.warmup_steps) * accum
     if config.warmup_steps:
         schedule = keras.optimizers.schedules.CosineDecay(
             0.0, decay_steps, alpha=0.1, warmup_target=config.learning_rate,
-            warmup_steps=config.warmup_steps)
+            warmup_steps=config.warmup_steps * accum)
     else:
         schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps,
                                                           alpha=0.1)
@@ -225,7 +228,8 @@ def make_optimizer(config: GPTConfig, model, lr_windows=()) -> keras.optimizers.
 
 
 def load_model(path):
-    """Loads a recipe's `model.keras` (safe mode) with its tokenizer, FP32 islands put back in.
+    """Loads a recipe's `model.keras` (safe mode), FP32 islands put back in; also the quantized
+    models `kmp quantize` writes.
 
     Keras's loader warns that the GPT task's custom compile was not restored and that the
     training optimizer's variables were skipped; both are expected for inference and are
@@ -241,5 +245,6 @@ def load_model(path):
         warnings.filterwarnings("ignore", message=".*compile.*custom", category=UserWarning)
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model = keras.saving.load_model(path, safe_mode=True)
+    restore_int4_reverse_inputs(model)  # a Keras reload difference (kmp quantize's int4)
     harden(model)
     return model

@@ -77,7 +77,8 @@ def plot_losses(history: LossHistory, path, title: str, recoveries=()):
         ax.set_ylim(min(kept) - 0.05 * (max(kept) - min(kept)), max(kept) * 1.05)
     for i, rec in enumerate(recoveries):
         if rec.get("abandoned_losses"):
-            steps, losses = zip(*rec["abandoned_losses"])
+            steps, losses = zip(*[(x, math.nan if y is None else y)
+                                  for x, y in rec["abandoned_losses"]])
             ax.plot(steps, losses, lw=0.8, color="tab:red",
                     label="rolled back" if i == 0 else None)
         ax.axvspan(rec["rolled_back_to"], rec["step"] + 1, color="tab:red", alpha=0.12)

@@ -1,0 +1,147 @@
+"""Post-training quantization of a trained GPT (kmp.gpt.quantize, `kmp quantize`): every mode
+from every source policy, and saved models that reload to what was measured."""
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import kmp
+from kmp.gpt import build_model, build_token_cache, load_model, preset
+from kmp.gpt import quantize as q
+from kmp.gpt.data import val_dataset, window_batch
+
+DATA = Path(__file__).parent / "data"
+SHAPE = dict(vocab_size=512, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
+             seq_len=32, batch_size=8, val_batches=2, corpus=str(DATA / "corpus.txt"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return build_token_cache(SHAPE["corpus"], SHAPE["vocab_size"],
+                             tmp_path_factory.mktemp("cache"), log=lambda *a: None)
+
+
+def _trained(policy, **shape):
+    """A small GPT under `policy` with seeded random weights (not zeros, not the init)."""
+    kmp.set_policy(policy)
+    keras.utils.set_random_seed(7)
+    model = build_model(preset("tiny", **{**SHAPE, **shape}))
+    rng = np.random.default_rng(7)
+    for v in model.weights:
+        v.assign(rng.normal(0, 0.05, v.shape).astype(v.dtype) + keras.ops.convert_to_numpy(v))
+    return model
+
+
+def _logits(model, x):
+    return keras.ops.convert_to_numpy(model.predict_on_batch(x)).astype("float64")
+
+
+# Each mode from the policy whose Keras bug kmp works around: int8 under float16 compute is
+# refused by Keras; int4's tied embedding reloads with int8 inputs; GPTQ and AWQ files lack
+# their zero points, and under bfloat16 GPTQ's group index of feature 511 (of groups of 128)
+# rounds into a fifth group of four. Without the workaround each of these fails.
+@pytest.mark.parametrize("mode,policy", [("int8", "mixed_float16"), ("int4", "float32"),
+                                         ("gptq", "mixed_bfloat16"), ("awq", "float32")])
+def test_each_mode_reloads_to_the_loss_it_was_measured_at(mode, policy, cache, tmp_path):
+    used = q.compute_policy(policy, mode)
+    wide = {"intermediate_dim": 512} if mode == "gptq" else {}
+    model = _trained(used, **wide)
+    source = _trained(used, **wide)
+    calibration = np.concatenate([window_batch(cache.train, 32, 8, 0, i)[0] for i in range(2)])
+    q.quantize(model, mode, calibration, cache.tokenizer(), group_size=128 if wide else 32)
+    assert {getattr(layer, "quantization_mode", None) for layer in model._flatten_layers()} >= {
+        mode}
+    val = val_dataset(cache, 32, 8, 2)
+    x = val[0][0]
+    path = tmp_path / f"{mode}.keras"
+    q.save(model, path)
+    loaded = load_model(path)
+    in_memory, reloaded = q.val_loss(model, val), q.val_loss(loaded, val)
+    assert abs(reloaded / in_memory - 1) < 1e-5, (in_memory, reloaded)
+    # Logits agree to float32 rounding, or to 2 units in the last place of half precision.
+    half = model.dtype_policy.compute_dtype != "float32"
+    atol = 2 * 2.0**-8 * np.abs(_logits(model, x)).max() if half else 1e-5
+    np.testing.assert_allclose(_logits(loaded, x), _logits(model, x), rtol=0, atol=atol)
+    # It is quantized (not a copy of the source), and close to it.
+    diff = np.abs(_logits(model, x) - _logits(source, x)).max()
+    assert 0 < diff < 0.5 * np.abs(_logits(source, x)).max()
+
+
+def test_plain_keras_reload_of_int4_differs_where_kmp_load_model_does_not(cache, tmp_path):
+    model = _trained("float32")
+    q.quantize(model, "int4")
+    q.save(model, tmp_path / "int4.keras")
+    x = val_dataset(cache, 32, 8, 2)[0][0]
+    plain = keras.saving.load_model(tmp_path / "int4.keras")  # Keras 3.15.1's reload
+    # If Keras fixes its reload, this fails: then drop kmp._keras.restore_int4_reverse_inputs.
+    assert np.abs(_logits(plain, x) - _logits(model, x)).max() > 1e-4
+    np.testing.assert_allclose(_logits(load_model(tmp_path / "int4.keras"), x),
+                               _logits(model, x), rtol=0, atol=1e-6)
+
+
+def test_int8_under_float16_and_gptq_under_bfloat16_are_what_keras_fails_at(cache):
+    # Why kmp quantizes these from the float32 twin. If one passes one day, drop its twin.
+    model = _trained("mixed_float16")
+    with pytest.raises(ValueError, match="int8.*float16"):
+        model.quantize("int8")
+    model = _trained("mixed_bfloat16", intermediate_dim=512)
+    calibration = window_batch(cache.train, 32, 8, 0, 0)[0]
+    with pytest.raises(Exception, match=r"indices\[511\] = 4 is not in \[0, 4\)|out of"):
+        q.quantize(model, "gptq", calibration, cache.tokenizer(), group_size=128)
+
+
+def test_modes_are_checked():
+    with pytest.raises(kmp.UserError, match="Unknown quantization mode.*int3"):
+        q.parse_modes("int8,int3")
+
+
+def test_kmp_quantize_prices_every_mode_of_a_finished_run(tmp_path, capsys):
+    from kmp.cli import main
+    from kmp.recipes import pretrain_gpt
+
+    run = tmp_path / "run"
+    argv = ["--corpus", SHAPE["corpus"], "--vocab-size", "512", "--seq-len", "32",
+            "--batch-size", "8", "--val-batches", "2", "--num-layers", "2", "--num-heads", "2",
+            "--hidden-dim", "32", "--intermediate-dim", "64", "--steps", "20", "--val-every",
+            "10", "--warmup-steps", "2", "--samples", "0", "--precision", "mixed_bfloat16",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(run)]
+    assert pretrain_gpt.main(argv) == 0
+    assert main(["quantize", "--run", str(run), "--modes", "int8,int4", "--out",
+                 str(tmp_path / "q"), "--calibration-batches", "1"]) == 0
+    rows = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    assert [r["mode"] for r in rows] == ["source (mixed_bfloat16)", "int8", "int4"]
+    trained = json.loads((run / "metrics.json").read_text())["val_loss"]
+    assert abs(rows[0]["val_loss"] / trained - 1) < 1e-3  # the source is the trained model
+    for r in rows[1:]:
+        assert abs(r["reload_val_loss"] / r["val_loss"] - 1) < 1e-5
+        assert abs(r["delta_vs_source"]) < 0.05 and r["tokens_per_sec"] > 0
+        assert r["size_bytes"] == (tmp_path / "q" / f"{r['mode']}.keras").stat().st_size
+    assert rows[2]["size_bytes"] < rows[1]["size_bytes"] < rows[0]["size_bytes"]
+    assert "| int4 |" in (tmp_path / "q" / "quantize.md").read_text()
+    assert main(["quantize", "--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "is not a finished kmp pretrain run" in capsys.readouterr().err
+
+
+def test_float8_training_ends_within_two_percent_of_the_same_run_and_reloads(tmp_path):
+    from kmp.recipes import pretrain_gpt
+
+    argv = ["--corpus", SHAPE["corpus"], "--vocab-size", "512", "--seq-len", "32",
+            "--batch-size", "8", "--val-batches", "2", "--num-layers", "2", "--num-heads", "2",
+            "--hidden-dim", "32", "--intermediate-dim", "64", "--steps", "40", "--val-every",
+            "20", "--warmup-steps", "2", "--samples", "0", "--precision", "mixed_bfloat16",
+            "--cache-dir", str(tmp_path / "cache"), "--seed", "3"]
+    losses = {}
+    for name, extra in (("plain", []), ("float8", ["--float8"])):
+        assert pretrain_gpt.main([*argv, "--out", str(tmp_path / name), *extra]) == 0
+        losses[name] = json.loads((tmp_path / name / "metrics.json").read_text())["val_loss"]
+    assert losses["float8"] != losses["plain"]  # float8 rounding did happen
+    assert abs(losses["float8"] / losses["plain"] - 1) < 0.02, losses
+    model = load_model(tmp_path / "float8" / "model.keras")
+    modes = {getattr(layer, "quantization_mode", None) for layer in model._flatten_layers()}
+    assert "float8" in modes
+    cache = build_token_cache(SHAPE["corpus"], 512, tmp_path / "cache", log=lambda *a: None)
+    val = val_dataset(cache, 32, 8, 2)
+    assert abs(q.val_loss(model, val) / losses["float8"] - 1) < 1e-5  # the trained model
