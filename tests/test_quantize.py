@@ -68,18 +68,9 @@ def test_each_mode_reloads_to_the_loss_it_was_measured_at(mode, policy, cache, t
     # It is quantized (not a copy of the source), and close to it.
     diff = np.abs(_logits(model, x) - _logits(source, x)).max()
     assert 0 < diff < 0.5 * np.abs(_logits(source, x)).max()
-
-
-def test_plain_keras_reload_of_int4_differs_where_kmp_load_model_does_not(cache, tmp_path):
-    model = _trained("float32")
-    q.quantize(model, "int4")
-    q.save(model, tmp_path / "int4.keras")
-    x = val_dataset(cache, 32, 8, 2)[0][0]
-    plain = keras.saving.load_model(tmp_path / "int4.keras")  # Keras 3.15.1's reload
-    # If Keras fixes its reload, this fails: then drop kmp._keras.restore_int4_reverse_inputs.
-    assert np.abs(_logits(plain, x) - _logits(model, x)).max() > 1e-4
-    np.testing.assert_allclose(_logits(load_model(tmp_path / "int4.keras"), x),
-                               _logits(model, x), rtol=0, atol=1e-6)
+    if mode == "int4":  # Keras 3.15.1's own reload differs (see kmp._keras): if this fails,
+        plain = keras.saving.load_model(path)  # Keras fixed it; drop the workaround
+        assert np.abs(_logits(plain, x) - _logits(model, x)).max() > 1e-4
 
 
 def test_int8_under_float16_and_gptq_under_bfloat16_are_what_keras_fails_at(cache):

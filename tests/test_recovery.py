@@ -188,11 +188,21 @@ def clean_fp16(tmp_path_factory):
     return _pretrain(tmp, "clean", "--precision", "mixed_float16")[1]
 
 
+STORM = ["--precision", "mixed_float16", "--inject-fault", "nan@20x8"]
+
+
+@pytest.fixture(scope="module")
+def healed_fp16(tmp_path_factory):
+    """The storm run with recovery: (its tmp directory, its --out, its metrics)."""
+    tmp = tmp_path_factory.mktemp("healed") / "run"
+    tmp.mkdir()
+    return (tmp, *_pretrain(tmp, "healed", *STORM))
+
+
 @pytest.mark.backends
 def test_overflow_storm_rolls_back_skips_its_data_and_ends_like_a_clean_run(
-        tmp_path, clean_fp16, reliability):
-    out, metrics = _pretrain(tmp_path, "healed", "--precision", "mixed_float16",
-                             "--inject-fault", "nan@20x8")
+        healed_fp16, clean_fp16, reliability):
+    _, out, metrics = healed_fp16
     [rec] = metrics["recoveries"]
     assert (rec["cause"], rec["step"], rec["rolled_back_to"]) == ("skip_budget", 24, 20)
     assert rec["skipped_batches"] == [20, 24] and rec["attempt"] == 1
@@ -213,8 +223,7 @@ def test_without_recovery_the_storm_stops_in_one_line_naming_the_variables(tmp_p
                                                                            reliability):
     from kmp.cli import main
 
-    argv = _argv(tmp_path, tmp_path / "run", "--precision", "mixed_float16", "--inject-fault",
-                 "nan@20x8", "--no-recover")
+    argv = _argv(tmp_path, tmp_path / "run", *STORM, "--no-recover")
     assert main(["pretrain", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kmp: error: 5 consecutive steps had non-finite gradients")
@@ -277,14 +286,13 @@ sys.exit(pretrain_gpt.main(sys.argv[1:]))
 """
 
 
-def test_sigkill_during_a_recovery_then_resume_ends_as_the_uninterrupted_run(tmp_path,
-                                                                             reliability):
-    fault = ["--precision", "mixed_float16", "--inject-fault", "nan@20x8"]
-    ref, ref_metrics = _pretrain(tmp_path, "ref", *fault)
+def test_sigkill_during_a_recovery_then_resume_ends_as_the_uninterrupted_run(
+        tmp_path, healed_fp16, reliability):
+    ref_tmp, ref, ref_metrics = healed_fp16  # the uninterrupted recovering run
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = tmp_path / "killed"
     runs = [subprocess.run([sys.executable, "-c", KILL_IN_RECOVERY,
-                            *_argv(tmp_path, out, *fault, *resume)],
+                            *_argv(ref_tmp, out, *STORM, *resume)],  # the same token cache
                            capture_output=True, text=True, timeout=600, env=env)
             for resume in ([], ["--resume"])]
     assert runs[0].returncode == -signal.SIGKILL and "recover: step 24" in runs[0].stdout
