@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 from kmp.errors import TrainingStopped, UserError
 
@@ -130,9 +131,65 @@ def _quantize(args, rest) -> int:
     return 0
 
 
+def _finetune(args, rest) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kmp finetune", description="Quantization-aware fine-tuning of a finished `kmp "
+        "pretrain` run: train on with fake-quantized int4 weights (straight-through "
+        "gradients), quantize for real, and measure how much of int4's perplexity gap it "
+        "recovers against post-training quantization and a float fine-tune of the same steps.")
+    parser.add_argument("--run", required=True, metavar="DIR", help="the run's --out directory")
+    parser.add_argument("--qat", default="int4", help="the quantization to train for: int4")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps (default 200)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (default: a tenth of the run's)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="where results go (default: <run>-qat-<mode> beside the run)")
+    parser.add_argument("--points", type=int, default=4,
+                        help="validation points along the fine-tuning (default 4)")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the float fine-tune that QAT is compared with")
+    opts = parser.parse_args(rest)
+    from kmp.gpt import finetune
+
+    result = finetune.finetune_run(opts.run, opts.out, opts.qat, opts.steps, opts.lr,
+                                   not opts.no_control, opts.points)
+    out = opts.out or f"{opts.run.rstrip('/')}-qat-{opts.qat}"
+    print(finetune.table(result))
+    print(f"written: {out}/finetune.json, finetune.md, finetune.png, qat-{opts.qat}.keras")
+    return 0
+
+
+def _export(args, rest) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kmp export", description="Export a finished `kmp pretrain` run to a LiteRT "
+        "(TFLite) file for devices (TensorFlow backend), run the file in the LiteRT "
+        "interpreter on validation windows and write export.json beside it: size, largest "
+        "logit difference against Keras, validation loss in Keras and in LiteRT.")
+    parser.add_argument("--run", required=True, metavar="DIR", help="the run's --out directory")
+    parser.add_argument("--format", default="litert", choices=["litert"],
+                        help="the file format (litert, formerly TFLite)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32, float16, int8 (activations too, calibrated on the run's "
+                        "training tokens) or int8-dynamic (weights only) (default float32)")
+    parser.add_argument("--out", required=True, metavar="FILE.tflite", help="the file to write")
+    parser.add_argument("--windows", type=int, default=16,
+                        help="validation windows to compare on (default 16)")
+    opts = parser.parse_args(rest)
+    if opts.windows < 1:
+        raise UserError(f"--windows must be >= 1. Received: {opts.windows}")
+    from kmp.gpt import export
+
+    r = export.export_run(opts.run, opts.out, opts.dtype, opts.windows)
+    print(f"{opts.out}: {r['size_bytes'] / 1e6:.2f} MB ({r['dtype']}); over {r['windows']} "
+          f"validation windows: loss {r['litert_val_loss']:.4f} in LiteRT, "
+          f"{r['keras_val_loss']:.4f} in Keras; largest logit difference "
+          f"{r['max_abs_logit_diff']:.3g}")
+    print(f"written: {opts.out}, {Path(opts.out).with_name('export.json')}")
+    return 0
+
+
 def _bench(args, rest) -> int:
     import json
-    from pathlib import Path
 
     from kmp.gpt import bench
     from kmp.gpt.config import add_arguments, from_args
@@ -273,7 +330,6 @@ def _diagnose(command, rest) -> int:
     """Runs one diagnosis on a GPT (a preset, or a `kmp pretrain` run) and a corpus batch."""
     import dataclasses
     import json
-    from pathlib import Path
 
     parser = argparse.ArgumentParser(
         prog=f"kmp {command}", description=f"{_DIAGNOSES[command]}; on a fresh GPT preset "
@@ -380,6 +436,12 @@ def main(argv=None) -> int:
                    help="estimate training memory of a GPT preset (kmp memory --help)")
     sub.add_parser("quantize", add_help=False,
                    help="quantize a trained GPT run and price each mode (kmp quantize --help)")
+    sub.add_parser("export", add_help=False,
+                   help="export a trained GPT run to LiteRT and check the file (kmp export "
+                   "--help)")
+    sub.add_parser("finetune", add_help=False,
+                   help="quantization-aware fine-tuning of a trained GPT run (kmp finetune "
+                   "--help)")
     for name, text in _DIAGNOSES.items():
         sub.add_parser(name, add_help=False, help=f"{text} (kmp {name} --help)")
     args, _ = parser.parse_known_args(argv)
@@ -393,7 +455,8 @@ def main(argv=None) -> int:
             return _diagnose(args.command, rest)
         if args.command != "doctor":
             run = {"pretrain": _pretrain, "bench": _bench, "memory": _memory,
-                   "quantize": _quantize}[args.command]
+                   "quantize": _quantize, "finetune": _finetune,
+                   "export": _export}[args.command]
             return run(args, rest)
         return _doctor(args)
     except UserError as e:  # the user's mistake: one line, exit 2

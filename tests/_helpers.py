@@ -1,5 +1,7 @@
-"""Helpers for tests: gradients on any Keras backend (through kmp's backend seam), and the
-arrays of a checkpoint file."""
+"""Helpers for tests: gradients on any Keras backend (through kmp's backend seam), the
+arrays of a checkpoint file, and a directory's contents."""
+
+import hashlib
 
 import keras
 
@@ -40,3 +42,9 @@ def h5_arrays(path) -> dict:
         f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
                      if isinstance(obj, h5py.Dataset) else None)
     return arrays
+
+
+def snapshot(directory) -> dict:
+    """Every file under `directory` by its relative path, as a SHA-256 of its bytes."""
+    return {p.relative_to(directory): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}

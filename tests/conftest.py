@@ -46,6 +46,28 @@ def reliability(request):
     return lambda fault, outcome: _RELIABILITY.append((request.node.nodeid, fault, outcome))
 
 
+MICRO = dict(vocab_size=512, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
+             seq_len=32, batch_size=8, val_batches=2)
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """A finished `kmp pretrain` run of a micro GPT under mixed_bfloat16 (20 steps on the test
+    corpus), shared read-only by the tests of what comes after training (quantize, finetune,
+    export). Returns its --out directory."""
+    from kmp.recipes import pretrain_gpt
+
+    root = tmp_path_factory.mktemp("micro")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in MICRO.items()]
+    argv = [*flags, "--corpus", str(Path(__file__).parent / "data" / "corpus.txt"),
+            "--steps", "20", "--val-every", "10", "--warmup-steps", "2", "--samples", "0",
+            "--precision", "mixed_bfloat16", "--cache-dir", str(root / "cache"),
+            "--out", str(root / "run")]
+    assert pretrain_gpt.main(argv) == 0
+    keras.config.set_dtype_policy("float32")
+    return root / "run"
+
+
 @pytest.fixture
 def fake_hardware(monkeypatch):
     """Call with a KMP_FAKE_HARDWARE spec ("cpu", "cpu:bf16", "gpu:9.0", "tpu") to make

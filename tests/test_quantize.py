@@ -89,17 +89,10 @@ def test_modes_are_checked():
         q.parse_modes("int8,int3")
 
 
-def test_kmp_quantize_prices_every_mode_of_a_finished_run(tmp_path, capsys):
+def test_kmp_quantize_prices_every_mode_of_a_finished_run(micro_run, tmp_path, capsys):
     from kmp.cli import main
-    from kmp.recipes import pretrain_gpt
 
-    run = tmp_path / "run"
-    argv = ["--corpus", SHAPE["corpus"], "--vocab-size", "512", "--seq-len", "32",
-            "--batch-size", "8", "--val-batches", "2", "--num-layers", "2", "--num-heads", "2",
-            "--hidden-dim", "32", "--intermediate-dim", "64", "--steps", "20", "--val-every",
-            "10", "--warmup-steps", "2", "--samples", "0", "--precision", "mixed_bfloat16",
-            "--cache-dir", str(tmp_path / "cache"), "--out", str(run)]
-    assert pretrain_gpt.main(argv) == 0
+    run = micro_run
     assert main(["quantize", "--run", str(run), "--modes", "int8,int4", "--out",
                  str(tmp_path / "q"), "--calibration-batches", "1"]) == 0
     rows = json.loads((tmp_path / "q" / "quantize.json").read_text())

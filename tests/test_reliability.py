@@ -221,12 +221,12 @@ def test_sigkill_mid_training_and_mid_checkpoint_then_resume_equals_one_run(tmp_
     first = _pretrain(tmp_path, out, "train", 6, backend=backend)
     assert first.returncode == -signal.SIGKILL
     assert checkpoint.latest(out / "checkpoints")["epoch"] == 1
-    # dies writing checkpoint 2
-    second = _pretrain(tmp_path, out, "checkpoint", 1, "--resume", backend=backend)
-    assert second.returncode == -signal.SIGKILL and "resume: from step" in second.stdout
-    record = checkpoint.latest(out / "checkpoints")
-    assert record["epoch"] == 1  # latest.json still names the whole checkpoint
-    assert list((out / "checkpoints").glob("tmp-*"))  # the half-written file is only a tmp
+    if backend == "tensorflow":  # dies writing checkpoint 2 (kmp's own file code: any backend)
+        second = _pretrain(tmp_path, out, "checkpoint", 1, "--resume", backend=backend)
+        assert second.returncode == -signal.SIGKILL and "resume: from step" in second.stdout
+        record = checkpoint.latest(out / "checkpoints")
+        assert record["epoch"] == 1  # latest.json still names the whole checkpoint
+        assert list((out / "checkpoints").glob("tmp-*"))  # the half-written file is only a tmp
     third = _pretrain(tmp_path, out, "none", 0, "--resume", backend=backend)
     assert third.returncode == 0, third.stderr[-2000:]
 
@@ -248,7 +248,8 @@ def test_sigkill_mid_training_and_mid_checkpoint_then_resume_equals_one_run(tmp_
         reliability("SIGKILL while a checkpoint file is being written (half of it on disk)",
                     "latest.json still names the previous whole checkpoint; the partial file "
                     "is a tmp- file that resume ignores and the next save overwrites")
-    reliability(f"both kills, then --resume to the end (mixed_float16, CPU, {backend})",
+    kills = "both kills" if backend == "tensorflow" else "the kill in training"
+    reliability(f"{kills}, then --resume to the end (mixed_float16, CPU, {backend})",
                 f"bit-identical to an uninterrupted run: all {len(ref_arrays)} arrays of the "
                 "final checkpoint (weights, AdamW moments, iterations, loss scale and counters), "
                 "per-step losses, step count, loss scale, val loss")

@@ -94,7 +94,8 @@ def quantize(model, mode: str, calibration=None, tokenizer=None, group_size=GROU
         mode: str. One of `MODES`, or "float8" (for training: `quantize_float8`).
         calibration: int array (samples, seq_len) of token ids, for "gptq"/"awq".
         tokenizer: the run's tokenizer, which Keras's GPTQ/AWQ configs require.
-        group_size: int. Weights per int4 group for "gptq"/"awq" (at most the model width).
+        group_size: int. Weights per int4 group for "int4"/"gptq"/"awq" (at most the model
+            width for "gptq"/"awq").
     """
     config = None
     if mode in ("gptq", "awq"):
@@ -105,6 +106,8 @@ def quantize(model, mode: str, calibration=None, tokenizer=None, group_size=GROU
         config = config_class(dataset=calibration, tokenizer=tokenizer,
                               num_samples=len(calibration),
                               sequence_length=calibration.shape[1], group_size=group_size)
+    elif mode == "int4":
+        config = keras.quantizers.Int4QuantizationConfig(block_size=group_size)
     with warnings.catch_warnings():  # Keras names every layer it has nothing to quantize in
         warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
         warnings.filterwarnings("ignore", message="Invalid quantization mode")
@@ -155,6 +158,20 @@ def _source(config: GPTConfig, run: Path, policy: str):
     return model
 
 
+def read_run(run: Path) -> tuple[GPTConfig, str]:
+    """A finished `kmp pretrain` run's config and the policy it trained under.
+
+    Raises:
+        UserError: when `run` is not a finished run.
+    """
+    for name in ("config.json", "metrics.json", "model.keras"):
+        if not (run / name).is_file():
+            raise UserError(f"{run} is not a finished kmp pretrain run (no {name}). Pass a "
+                            "run's --out directory.", field="run")
+    config = GPTConfig(**json.loads((run / "config.json").read_text()))
+    return config, json.loads((run / "metrics.json").read_text())["policy"]
+
+
 def quantize_run(run, modes, out, calibration_batches: int = 4, log=print) -> list[Row]:
     """Quantizes a finished `kmp pretrain` run every way in `modes` and prices each.
 
@@ -176,12 +193,7 @@ def quantize_run(run, modes, out, calibration_batches: int = 4, log=print) -> li
         UserError: when `run` is not a finished run.
     """
     run, out = Path(run).expanduser(), Path(out).expanduser()
-    for name in ("config.json", "metrics.json", "model.keras"):
-        if not (run / name).is_file():
-            raise UserError(f"{run} is not a finished kmp pretrain run (no {name}). Pass a "
-                            "run's --out directory.", field="run")
-    config = GPTConfig(**json.loads((run / "config.json").read_text()))
-    policy = json.loads((run / "metrics.json").read_text())["policy"]
+    config, policy = read_run(run)
     out.mkdir(parents=True, exist_ok=True)
     cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir, log=log)
     val_ds = data.val_dataset(cache, config.seq_len, config.batch_size, config.val_batches)
