@@ -17,7 +17,7 @@ from pathlib import Path
 
 import keras
 
-from kmp import __version__, backends
+from kmp import __version__, backends, distributed
 from kmp.errors import UserError
 from kmp.hardware import detect
 from kmp.scaling import LossScaleOptimizer
@@ -82,7 +82,8 @@ class Checkpoint(keras.callbacks.Callback):
         step = int(self.model.optimizer.iterations.numpy())
         name = f"step-{step:07d}.weights.h5"
         tmp = self.directory / f"tmp-{name}"
-        self.model.save_weights(tmp, overwrite=True)
+        with distributed.local():  # process 0 alone, in a run across processes
+            self.model.save_weights(tmp, overwrite=True)
         _fsync_file(tmp)
         os.replace(tmp, self.directory / name)
         record = {"weights": name, "bytes": (self.directory / name).stat().st_size,

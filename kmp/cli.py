@@ -19,9 +19,9 @@ from kmp.errors import TrainingStopped, UserError
 
 BACKENDS = ("tensorflow", "jax", "torch")  # kmp.backends.SUPPORTED, named without Keras
 # Config fields a command does not use, so its --help does not offer them.
-_RUN_ONLY = ("jit", "strategy", "prompt", "samples", "resume", "val_every", "val_batches",
-             "recover", "max_skips", "spike_factor", "spike_window", "recover_attempts",
-             "recover_stretch", "inject_fault", "float8")
+_RUN_ONLY = ("jit", "strategy", "processes", "prompt", "samples", "resume", "val_every",
+             "val_batches", "recover", "max_skips", "spike_factor", "spike_window",
+             "recover_attempts", "recover_stretch", "inject_fault", "float8")
 _NOT_USED = {
     "bench": {"precision", "steps", "warmup_steps", *_RUN_ONLY},
     "memory": {"precision", "steps", "warmup_steps", "learning_rate", "weight_decay",

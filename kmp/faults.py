@@ -12,6 +12,7 @@ import re
 from typing import NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from kmp import backends
@@ -22,34 +23,42 @@ SPIKE_FACTOR = 100.0  # what a spike multiplies the loss by
 
 
 class Fault(NamedTuple):
-    """One fault to inject: `kind` on `count` consecutive steps from `step`."""
+    """One fault to inject: `kind` on `count` consecutive steps from `step`; with `worker`,
+    only in that process's share of the batch (a run across processes)."""
 
     kind: str
     step: int
     count: int = 1
+    worker: int | None = None
 
     def hits(self, step: int) -> bool:
         return self.step <= step < self.step + self.count
 
 
 def parse_faults(spec: str) -> list[Fault]:
-    """Parses "KIND@STEP[xCOUNT]", comma-separated (KIND: inf, nan, spike).
+    """Parses "KIND@STEP[xCOUNT][:WORKER]", comma-separated (KIND: inf, nan, spike; WORKER:
+    one process's rows only, inf and nan).
 
     Example:
-    >>> parse_faults("nan@200x30,spike@300")
-    [Fault(kind='nan', step=200, count=30), Fault(kind='spike', step=300, count=1)]
+    >>> [tuple(f) for f in parse_faults("nan@200x30,spike@300")]
+    [('nan', 200, 30, None), ('spike', 300, 1, None)]
+    >>> parse_faults("inf@5:1")
+    [Fault(kind='inf', step=5, count=1, worker=1)]
 
     Raises:
         UserError: for anything else.
     """
     faults = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        match = re.fullmatch(r"(\w+)@(\d+)(?:x(\d+))?", part)
-        if not match or match[1] not in KINDS or int(match[3] or 1) < 1:
-            raise UserError(f"Cannot read the fault {part!r}. Write KIND@STEP or "
-                            f"KIND@STEPxCOUNT with KIND one of {', '.join(KINDS)}, e.g. "
-                            "nan@200x30 or spike@300.", field="inject_fault")
-        faults.append(Fault(match[1], int(match[2]), int(match[3] or 1)))
+        match = re.fullmatch(r"(\w+)@(\d+)(?:x(\d+))?(?::(\d+))?", part)
+        if (not match or match[1] not in KINDS or int(match[3] or 1) < 1
+                or (match[4] and match[1] == "spike")):
+            raise UserError(f"Cannot read the fault {part!r}. Write KIND@STEP[xCOUNT] with "
+                            f"KIND one of {', '.join(KINDS)}, e.g. nan@200x30 or spike@300, "
+                            "and :WORKER after inf or nan for one process's rows (inf@5:1).",
+                            field="inject_fault")
+        worker = int(match[4]) if match[4] else None
+        faults.append(Fault(match[1], int(match[2]), int(match[3] or 1), worker))
     return faults
 
 
@@ -146,3 +155,35 @@ class FaultInjector(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._flag().set(False)
+
+
+class PoisonedRows(keras.utils.PyDataset):
+    """A dataset of (x, y) batches with sample weights: 1, or inf (NaN) on the rows this
+    process feeds at the chosen batches, when `here` (nestable: one per fault).
+
+    For a run across processes (`kmp.distributed`): one process's share of a batch overflows
+    as if its part of the model had, and the step's gradients (global in SPMD) are
+    non-finite everywhere. Every process wraps its data alike (the same batch structure);
+    only the chosen one poisons.
+
+    Args:
+        dataset: a PyDataset of (x, y) batches.
+        hit: callable (batch index -> bool).
+        kind: str. "inf" or "nan".
+        here: bool. Whether this process is the one to poison.
+    """
+
+    def __init__(self, dataset, hit, kind="inf", here=True):
+        super().__init__()
+        self.dataset, self.hit, self.here = dataset, hit, here
+        self.bad = float("inf") if kind == "inf" else float("nan")
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y, *weights = self.dataset[i]  # (x, y), or (x, y, w) from another PoisonedRows
+        weights = np.array(weights[0]) if weights else np.ones(np.shape(y), dtype="float32")
+        if self.here and self.hit(i):
+            weights[:] = self.bad
+        return x, y, weights

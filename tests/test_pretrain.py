@@ -46,13 +46,16 @@ def test_tiny_run_writes_every_output(tmp_path, fake_hardware):
                        "--samples", "2")
     assert list(metrics) == ["policy", "steps", "final_train_loss", "val_loss", "val_perplexity",
                              "tokens_per_sec", "mfu", "skipped_steps", "final_loss_scale",
-                             "recoveries", "wall_seconds"]
-    assert metrics["policy"] == "float32" and metrics["steps"] == 6
+                             "recoveries", "processes", "weights_sha256", "wall_seconds"]
+    assert metrics["policy"] == "float32" and metrics["steps"] == 6 and metrics["processes"] == 1
     assert metrics["mfu"] is None and metrics["final_loss_scale"] is None  # no scaling
     assert metrics["recoveries"] == []
     assert math.isclose(metrics["val_perplexity"], math.exp(metrics["val_loss"]), rel_tol=1e-6)
-    for name in ("config.json", "loss.png", "samples.txt", "model.keras"):
+    for name in ("config.json", "loss.png", "samples.txt", "model.keras", "history.json"):
         assert (out / name).stat().st_size > 0, name
+    history = json.loads((out / "history.json").read_text())
+    assert [s for s, _ in history["train"]] == [1, 2, 3, 4, 5, 6]
+    assert history["loss_scale"] == [None] * 6 and [s for s, _ in history["val"]] == [3, 6]
     assert json.loads((out / "config.json").read_text())["steps"] == 6
     samples = (out / "samples.txt").read_text().split("\n\n-----\n\n")
     assert len(samples) == 2 and all(s.startswith("def") for s in samples)
@@ -144,6 +147,8 @@ def test_mirrored_strategy_trains_on_two_replicas(tmp_path, backend):
     out = tmp_path / "run"
     argv = [*SMALL, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--samples", "0",
             "--steps", "2", "--strategy", "mirrored", "--no-jit", "--precision", "mixed_float16"]
+    if backend == "jax":  # without XLA, JAX runs op by op: slow
+        argv[argv.index("--no-jit")] = "--jit"
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, *argv], capture_output=True,

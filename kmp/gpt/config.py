@@ -59,6 +59,8 @@ class GPTConfig:
             dtype: float16/bfloat16 Tensor Cores or AMX; the loss upcasts the logits to
             float32) or "float32" (keras-hub's default under mixed policies).
         strategy: str. "default" or "mirrored".
+        processes: int. Worker processes training data-parallel on the JAX backend
+            (`kmp.distributed`); 1: this process alone.
         corpus: str. "stdlib", or a file, directory or glob of UTF-8 text.
         cache_dir: str. Where tokenizers and token caches are kept between runs.
         prompt: str. Prompt for the samples written at the end.
@@ -83,7 +85,8 @@ class GPTConfig:
             Hopper-class GPUs have float8 matmuls; elsewhere it is simulated (slower).
         inject_fault: str. Rehearse a failure: KIND@STEP[xCOUNT], comma-separated, KIND one
             of nan, inf (gradients) or spike (the loss times 100), STEP counted in the data
-            stream's positions, e.g. nan@200x30 or spike@300. Empty: none.
+            stream's positions, e.g. nan@200x30 or spike@300; inf@5:1 puts the overflow in
+            worker 1's rows only (--processes). Empty: none.
     """
 
     preset: str = "tiny"
@@ -107,6 +110,7 @@ class GPTConfig:
     jit: bool | None = None
     logits: str = "compute"
     strategy: str = "default"
+    processes: int = 1
     corpus: str = "stdlib"
     cache_dir: str = "~/.cache/kmp"
     prompt: str = "def"
@@ -151,6 +155,13 @@ class GPTConfig:
             raise UserError(
                 f"Unknown strategy {self.strategy!r}. Use one of: {', '.join(STRATEGIES)}.",
                 field="strategy")
+        if self.processes < 1:
+            raise UserError(f"processes must be >= 1. Received: {self.processes}",
+                            field="processes")
+        if self.processes > 1 and self.strategy == "mirrored":
+            raise UserError("--strategy mirrored spreads one process over its local devices; "
+                            "--processes already spreads the run over processes (one device "
+                            "each). Drop one of them.", field="processes")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1). Received: dropout={self.dropout!r}",
                             field="dropout")

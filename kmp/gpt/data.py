@@ -234,12 +234,16 @@ class Batches(keras.utils.PyDataset):
         skip: list of (first, last). Data positions left out of the stream (inclusive
             windows, sorted): batch b reads position `kmp.recovery.position(b, skip)`.
             Defaults to none.
+        rows: slice or None. This process's rows of every batch, in a run across processes
+            (`kmp.distributed.shard`); the batches and their order are the global ones.
+            Defaults to None: all rows.
     """
 
-    def __init__(self, tokens, seq_len, batch_size, seed, start, stop, skip=()):
+    def __init__(self, tokens, seq_len, batch_size, seed, start, stop, skip=(), rows=None):
         super().__init__()
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
         self.start, self.stop, self.skip = start, stop, tuple(tuple(w) for w in skip)
+        self.rows = rows or slice(None)
 
     def __len__(self):
         return self.stop - self.start
@@ -247,7 +251,7 @@ class Batches(keras.utils.PyDataset):
     def __getitem__(self, i):
         index = position(self.start + i, self.skip)
         x, y = window_batch(self.tokens, self.seq_len, self.batch_size, self.seed, index)
-        return _lm_inputs(x), y
+        return _lm_inputs(x[self.rows]), y[self.rows]
 
 
 class Windows(keras.utils.PyDataset):
@@ -266,19 +270,29 @@ class Windows(keras.utils.PyDataset):
 
 
 def train_dataset(cache: TokenCache, seq_len: int, batch_size: int, seed: int, start: int,
-                  stop: int, skip=()) -> Batches:
+                  stop: int, skip=(), rows=None) -> Batches:
     """Training batches `start` .. `stop - 1` (random windows) of the cache's train split,
-    leaving out the data positions in `skip` (see `Batches`)."""
+    leaving out the data positions in `skip`; `rows` of each (see `Batches`)."""
     tokens = cache.train
     _check_fits(tokens, seq_len, "train")
-    return Batches(tokens, seq_len, batch_size, seed, start, stop, skip)
+    return Batches(tokens, seq_len, batch_size, seed, start, stop, skip, rows)
 
 
-def val_dataset(cache: TokenCache, seq_len: int, batch_size: int, max_batches: int) -> Windows:
-    """Consecutive, non-overlapping validation windows (at most `max_batches` batches)."""
+def val_dataset(cache: TokenCache, seq_len: int, batch_size: int, max_batches: int,
+                rows=None) -> Windows:
+    """Consecutive, non-overlapping validation windows (at most `max_batches` batches).
+
+    With `rows` (a process's share of each batch in a run across processes) only whole
+    batches are kept, and this process's rows of each."""
     tokens = np.asarray(cache.val)
     _check_fits(tokens, seq_len, "validation")
     count = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
+    if rows is not None and rows != slice(0, batch_size):
+        count -= count % batch_size
     windows = np.stack([tokens[i * seq_len:(i + 1) * seq_len + 1] for i in range(count)])
     windows = windows.astype(np.int32)
+    if rows is not None and rows != slice(0, batch_size):
+        keep = np.arange(count).reshape(-1, batch_size)[:, rows].ravel()
+        windows = windows[keep]
+        batch_size = rows.stop - rows.start
     return Windows(windows[:, :-1], windows[:, 1:], batch_size)

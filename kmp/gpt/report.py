@@ -14,7 +14,8 @@ METRIC_KEYS = ("policy", "steps", "final_train_loss", "val_loss", "val_perplexit
 
 
 class LossHistory(keras.callbacks.Callback):
-    """Records the training loss of every batch and the validation loss of every epoch.
+    """Records the training loss and loss scale of every batch and the validation loss of
+    every epoch.
 
     Keras logs a running mean of the loss over the epoch; each batch's own loss is recovered
     from it (`kmp.callbacks.BatchLoss`).
@@ -31,12 +32,14 @@ class LossHistory(keras.callbacks.Callback):
         state = state or {}
         self.train = [tuple(x) for x in state.get("train", [])]  # (step, loss) per batch
         self.val = [tuple(x) for x in state.get("val", [])]  # (step, loss) per epoch
+        self.loss_scale = list(state.get("loss_scale", []))  # per batch; None: no scaling
         self._batches = len(self.train)
         self._losses = BatchLoss()
 
     def state(self) -> dict:
         """JSON-serializable history, for checkpoints."""
-        return {"train": [list(x) for x in self.train], "val": [list(x) for x in self.val]}
+        return {"train": [list(x) for x in self.train], "val": [list(x) for x in self.val],
+                "loss_scale": list(self.loss_scale)}
 
     def on_epoch_begin(self, epoch, logs=None):
         self._losses.reset()
@@ -47,6 +50,8 @@ class LossHistory(keras.callbacks.Callback):
         self._batches += 1
         self.train.append((self._batches / self.batches_per_step,
                            self._losses.update(batch, logs["loss"])))
+        scale = logs.get("loss_scale")
+        self.loss_scale.append(None if scale is None else float(scale))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs and "val_loss" in logs:
