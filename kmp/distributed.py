@@ -9,8 +9,9 @@ variables that Keras reads (`keras.distribution.initialize`, which starts `jax.d
 
 Any launcher that sets them works (SLURM, Kubernetes, ssh: docs/distributed.md). `launch`
 is the local one behind `kmp pretrain --processes N`: a coordinator on 127.0.0.1 at a free
-port, one CPU device per process, and a watch over the workers: when one dies, the others are
-stopped (they would wait forever in the next all-reduce) and the launcher says which.
+port, one CPU device per process (unless JAX_PLATFORMS says otherwise), and a watch over
+the workers: when one dies, the others are stopped (they would wait forever in the next
+all-reduce) and the launcher says which.
 
 Every process computes the same SPMD program over the global batch: each feeds its own rows
 of it (`shard`), Keras assembles them (`jax.make_array_from_process_local_data`), and the
@@ -155,7 +156,7 @@ def launch(command: list[str], processes: int, resume_hint: str, poll: float = 0
     """
     port = free_port()
     env = {**os.environ, ADDRESS: f"127.0.0.1:{port}", COUNT: str(processes),
-           "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+           "KERAS_BACKEND": "jax", "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     workers = [subprocess.Popen(command, env={**env, INDEX: str(k)})
                for k in range(processes)]
     try:
