@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     config = parse_config(argv)
     if config.processes > 1 and distributed.process_count() == 1:
         return launch(config, argv)
-    if distributed.process_count() != max(config.processes, 1) and config.processes > 1:
+    if config.processes > 1 and distributed.process_count() != config.processes:
         raise UserError(f"--processes {config.processes}, but the launcher started "
                         f"{distributed.process_count()} ({distributed.COUNT}). Give the same "
                         "count, or drop --processes.", field="processes")

@@ -29,8 +29,7 @@ import kmp
 from kmp.checkpoint import write_bytes_atomic
 from kmp.errors import UserError
 from kmp.gpt import data
-from kmp.gpt.model import build_model
-from kmp.gpt.quantize import read_run
+from kmp.gpt.quantize import read_run, trained_model
 
 DTYPES = ("float32", "float16", "int8", "int8-dynamic")
 
@@ -154,9 +153,7 @@ def export_run(run, out, dtype: str = "float32", windows: int = 16,
     targets = np.stack([val[i][1][0] for i in range(len(val))])
 
     def keras_logits(under):
-        kmp.set_policy(under)
-        model = kmp.harden(build_model(config))
-        model.load_weights(run / "model.keras")
+        model = kmp.harden(trained_model(config, run / "model.keras", under))
         return model, np.concatenate([
             keras.ops.convert_to_numpy(model.predict_on_batch(
                 {"token_ids": x[None], "padding_mask": np.ones_like(x[None])})).astype(

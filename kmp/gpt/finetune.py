@@ -25,22 +25,13 @@ from kmp.checkpoint import write_bytes_atomic
 from kmp.errors import UserError
 from kmp.gpt import data
 from kmp.gpt.config import GPTConfig
-from kmp.gpt.model import build_model, lm_loss, load_model, make_optimizer
-from kmp.gpt.quantize import quantize, read_run, save, val_loss
-
-
-def _model(config: GPTConfig, policy: str, weights):
-    """A fresh model under `policy` (no islands yet) holding `weights` (a .keras or
-    .weights.h5 file)."""
-    kmp.set_policy(policy)
-    model = build_model(config)
-    model.load_weights(weights)
-    return model
+from kmp.gpt.model import lm_loss, load_model, make_optimizer
+from kmp.gpt.quantize import quantize, read_run, save, trained_model, val_loss
 
 
 def _int4(config: GPTConfig, policy: str, weights, val_ds, block_size: int):
     """Keras's int4 quantization of `weights`, islands in, and its validation loss."""
-    model = kmp.harden(quantize(_model(config, policy, weights), "int4",
+    model = kmp.harden(quantize(trained_model(config, weights, policy), "int4",
                                 group_size=block_size))
     return model, val_loss(model, val_ds)
 
@@ -50,7 +41,7 @@ def _fine_tune(config: GPTConfig, policy: str, run: Path, cache, val_ds, steps: 
     """Trains the run's model `steps` more steps (fake-quantized when `fake`); returns it
     (float weights) and [(step, val_loss)] taken `points` times along the way."""
     keras.utils.set_random_seed(config.seed)
-    model = _model(config, policy, run / "model.keras")
+    model = trained_model(config, run / "model.keras", policy)
     if fake:
         qat.enable(model, "int4", block_size)
     tuned = dataclasses.replace(config, steps=steps, warmup_steps=0, learning_rate=lr)
@@ -60,14 +51,14 @@ def _fine_tune(config: GPTConfig, policy: str, run: Path, cache, val_ds, steps: 
     accum, first = config.grad_accum, config.steps * config.grad_accum  # unread windows
     bounds = [round(steps * k / points) for k in range(points + 1)]
     label = "qat int4" if fake else "control (float)"
-    curve = [(0, val_loss_compiled(model, val_ds))]
+    curve = [(0, _evaluate(model, val_ds))]
     for start, stop in zip(bounds, bounds[1:]):
         if stop == start:
             continue
         batches = data.train_dataset(cache, config.seq_len, config.batch_size, config.seed,
                                      first + start * accum, first + stop * accum)
         model.fit(batches, epochs=1, shuffle=False, verbose=1 if sys.stdout.isatty() else 0)
-        curve.append((stop, val_loss_compiled(model, val_ds)))
+        curve.append((stop, _evaluate(model, val_ds)))
         log(f"finetune: {label} step {stop}/{steps}: val loss "
             f"{'(int4) ' if fake else ''}{curve[-1][1]:.4f}")
     if fake:
@@ -75,8 +66,8 @@ def _fine_tune(config: GPTConfig, policy: str, run: Path, cache, val_ds, steps: 
     return model, curve
 
 
-def val_loss_compiled(model, val_ds) -> float:
-    """Validation loss of a model compiled for training (its own loss)."""
+def _evaluate(model, val_ds) -> float:
+    """Validation loss of a model compiled for training (its own compile kept)."""
     return float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
 
 
@@ -123,7 +114,7 @@ def finetune_run(run, out=None, mode: str = "int4", steps: int = 200, learning_r
     val_ds = data.val_dataset(cache, config.seq_len, config.batch_size, config.val_batches)
     block_size = min(block_size, config.hidden_dim)
 
-    source_loss = val_loss(kmp.harden(_model(config, policy, run / "model.keras")), val_ds)
+    source_loss = val_loss(kmp.harden(trained_model(config, run / "model.keras", policy)), val_ds)
     _, ptq_loss = _int4(config, policy, run / "model.keras", val_ds, block_size)
     log(f"finetune: source {source_loss:.4f}, int4 PTQ {ptq_loss:.4f}")
     result = {"run": str(run), "policy": policy, "mode": mode, "steps": steps,
@@ -136,7 +127,7 @@ def finetune_run(run, out=None, mode: str = "int4", steps: int = 200, learning_r
         tuned.save_weights(weights)
         model, qat_loss = _int4(config, policy, weights, val_ds, block_size)
         result.update(qat_val_loss=qat_loss, qat_float_val_loss=val_loss(
-            kmp.harden(_model(config, policy, weights)), val_ds), qat_curve=curve)
+            kmp.harden(trained_model(config, weights, policy)), val_ds), qat_curve=curve)
         save(model, out / f"qat-{mode}.keras")
         result["reload_val_loss"] = val_loss(load_model(out / f"qat-{mode}.keras"), val_ds)
         result["size_bytes"] = (out / f"qat-{mode}.keras").stat().st_size
@@ -145,7 +136,7 @@ def finetune_run(run, out=None, mode: str = "int4", steps: int = 200, learning_r
                                   block_size, log)
             tuned.save_weights(weights)
             result["control_float_val_loss"] = val_loss(
-                kmp.harden(_model(config, policy, weights)), val_ds)
+                kmp.harden(trained_model(config, weights, policy)), val_ds)
             result["control_int4_val_loss"] = _int4(config, policy, weights, val_ds,
                                                     block_size)[1]
     result.update(recovered(result))

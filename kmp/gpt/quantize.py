@@ -149,12 +149,13 @@ def forward_speed(model, val_ds, repeats: int = 2) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def _source(config: GPTConfig, run: Path, policy: str):
-    """The run's trained model under `policy`, without its FP32 islands yet (Keras cannot
-    quantize a model holding unbuilt layers: `kmp.harden` comes after)."""
+def trained_model(config: GPTConfig, weights, policy: str):
+    """A fresh model under `policy` holding `weights` (a run's model.keras, or a
+    .weights.h5), without its FP32 islands yet (Keras cannot quantize a model holding unbuilt
+    layers: `kmp.harden` comes after)."""
     kmp.set_policy(policy)
     model = build_model(config)
-    model.load_weights(run / "model.keras")
+    model.load_weights(weights)
     return model
 
 
@@ -201,7 +202,7 @@ def quantize_run(run, modes, out, calibration_batches: int = 4, log=print) -> li
         data.window_batch(cache.train, config.seq_len, config.batch_size, config.seed, i)[0]
         for i in range(calibration_batches)])
 
-    source = kmp.harden(_source(config, run, policy))  # as it was trained
+    source = kmp.harden(trained_model(config, run / "model.keras", policy))  # as it was trained
     base = val_loss(source, val_ds)
     save(source, out / "source.keras")  # the weights alone, as the quantized files hold them
     rows = [Row(f"source ({policy})", base, math.exp(base), 0.0,
@@ -210,8 +211,9 @@ def quantize_run(run, modes, out, calibration_batches: int = 4, log=print) -> li
     for mode in modes:
         used = compute_policy(policy, mode)
         log(f"quantize: {mode} (from the model under {used})")
-        model = kmp.harden(quantize(_source(config, run, used), mode, calibration,
-                                    cache.tokenizer(), min(GROUP_SIZE, config.hidden_dim)))
+        model = kmp.harden(quantize(trained_model(config, run / "model.keras", used), mode,
+                                    calibration, cache.tokenizer(),
+                                    min(GROUP_SIZE, config.hidden_dim)))
         loss = val_loss(model, val_ds)
         path = out / f"{mode}.keras"
         save(model, path)
