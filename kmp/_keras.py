@@ -45,6 +45,99 @@ def replace_sublayer(parent, attribute: str, new):
         parent._layers.remove(old)
 
 
+# --- keras.optimizers.Optimizer internals (Keras 3.15.1) used by kmp.LossScaleOptimizer.
+def optimizer_own_variables(optimizer) -> list:
+    """The variables `optimizer` created itself (`Optimizer._variables`), without those of an
+    inner optimizer; `optimizer.variables` lists both."""
+    return optimizer._variables
+
+
+def optimizer_built_for(optimizer) -> list:
+    """The trainable variables `optimizer` was built for, in build order
+    (`Optimizer._trainable_variables`)."""
+    return optimizer._trainable_variables
+
+
+def optimizer_variable_index(optimizer, variable) -> int:
+    """The position of `variable` among those `optimizer` was built for
+    (`Optimizer._get_variable_index`)."""
+    return optimizer._get_variable_index(variable)
+
+
+def overwrites_with_gradient(optimizer, variable) -> bool:
+    """True when `optimizer` assigns the gradient to `variable` instead of applying it, as for
+    float8 scale variables (`Optimizer._overwrite_variable_with_gradient`)."""
+    return optimizer._overwrite_variable_with_gradient(variable)
+
+
+# --- keras.layers.MultiHeadAttention internals (Keras 3.15.1) used by the FP32 islands.
+def mha_softmax(layer):
+    """The softmax sublayer of a MultiHeadAttention (`_softmax`)."""
+    return layer._softmax
+
+
+def set_mha_softmax(layer, softmax):
+    """Replaces a MultiHeadAttention's softmax sublayer with `softmax`."""
+    replace_sublayer(layer, "_softmax", softmax)
+
+
+def mha_attention_override(layer):
+    """The function bound to this MultiHeadAttention instance in place of its class's
+    `_compute_attention` (see `set_mha_attention`), or None."""
+    return layer.__dict__.get("_compute_attention")
+
+
+def set_mha_attention(layer, fn):
+    """Makes this MultiHeadAttention instance compute attention with `fn(layer, query, key,
+    value, attention_mask=None, training=None, return_attention_scores=False,
+    use_causal_mask=False) -> (output, scores)`, Keras's `_compute_attention` signature."""
+    with tracking_unlocked(layer):
+        layer._compute_attention = fn.__get__(layer, type(layer))
+
+
+def mha_compute_attention(layer, query, key, value, attention_mask=None, training=None):
+    """Runs a MultiHeadAttention's attention on already projected query, key and value
+    (batch, seq, heads, dim): (output, scores), through its own or an overriding path."""
+    return layer._compute_attention(query, key, value, attention_mask=attention_mask,
+                                    training=training)
+
+
+def mha_equations(layer) -> tuple[str, str]:
+    """(scores equation, combine equation): a MultiHeadAttention's einsum equations for
+    key x query -> scores and probabilities x value -> output."""
+    return layer._dot_product_equation, layer._combine_equation
+
+
+def mha_score_scale(layer) -> float:
+    """The factor a MultiHeadAttention multiplies the query by: 1 / sqrt(key_dim)."""
+    return float(layer._inverse_sqrt_key_dim)
+
+
+def mha_dropout(layer) -> tuple[float, object]:
+    """(rate, dropout layer) of a MultiHeadAttention's attention probabilities."""
+    return layer._dropout, layer._dropout_layer
+
+
+def mha_masked_softmax(layer, scores, mask):
+    """A MultiHeadAttention's masked softmax of `scores`, in its softmax sublayer."""
+    return layer._masked_softmax(scores, mask)
+
+
+def mha_causal_mask(layer, query, value):
+    """The (batch, query, value) boolean causal mask a MultiHeadAttention would build."""
+    return layer._compute_causal_mask(query, value)
+
+
+# --- TensorFlow internals (TF 2.21), imported only when called (on the TensorFlow backend).
+def tf_strategy_supports_no_merge_call() -> bool:
+    """True when the current tf.distribute strategy lets replicas update variables without a
+    `merge_call` (`tf.__internal__.distribute.strategy_supports_no_merge_call`; Keras 3.15.1's
+    own LossScaleOptimizer asks the same)."""
+    import tensorflow as tf
+
+    return tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
 def walk(model, prefix="", seen=None):
     """(path, layer) once for every nested layer, depth first; a layer without a `path` (keras
     sublayers created outside a build) gets its parent's path plus its name."""
@@ -143,3 +236,111 @@ def restore_int4_reverse_inputs(model):
                 and layer.quantization_config is None):
             layer.inputs_quantizer = None
 
+
+@contextlib.contextmanager
+def _hook_quantized_calls(layers_map, statistics, record):
+    """Within the block, each layer of `layers_map` passes its input, flattened to
+    (tokens, statistics[name].rows), to `record(statistics[name], inputs)` before it runs.
+
+    The hook goes on `quantized_call`, the method Keras 3.15.1's `Operation.__call__` runs once
+    a layer has a quantization mode (Keras's own hooks go on `call`, which no longer runs).
+    """
+    patched = []
+
+    def hooked(name, layer):
+        forward = type(layer).quantized_call.__get__(layer)
+
+        def quantized_call(*args, **kwargs):
+            inputs = args[0] if args else kwargs["inputs"]
+            record(statistics[name], keras.ops.reshape(inputs, (-1, statistics[name].rows)))
+            return forward(*args, **kwargs)
+        return quantized_call
+
+    try:
+        for name, layer in layers_map.items():
+            with tracking_unlocked(layer):
+                layer.quantized_call = hooked(name, layer)
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            with tracking_unlocked(layer):
+                del layer.quantized_call
+
+
+@contextlib.contextmanager
+def gptq_awq_calibration(windows):
+    """Makes Keras's GPTQ and AWQ calibrate on `windows`, with the activations they claim to.
+
+    Three defects of Keras 3.15.1 (keras.src.quantizers.gptq, gptq_core and awq_core), all
+    silent:
+
+    - **Calibration never sees an activation.** `Model.quantize` first gives every Dense and
+      EinsumDense its gptq/awq mode, and from then on `Operation.__call__` runs the layer's
+      `quantized_call`; the calibration hooks patch `call`, which no longer runs. GPTQ's
+      Hessians stay zero (it then quantizes with the identity: round to nearest) and AWQ's
+      activation maxima stay zero (it then searches scales against ones: every scale 1), so
+      both give the same round-to-nearest kernels (keras-team/keras#23512). Inside this
+      context the hooks go on `quantized_call`.
+    - **GPTQ's updates use the wrong inverse.** GPTQ quantizes one input feature at a time
+      and moves its rounding error onto the features not yet quantized, through the inverse
+      Hessian of those remaining features: the rows of the upper Cholesky factor of H^-1
+      (Frantar et al. 2022, section 3, step 3). Keras passes H^-1 itself, right for the first
+      feature only: measured on a seeded GPT-2-shaped model, its kernels then reconstruct
+      their layers' outputs worse than plain round-to-nearest in 4 of 12 layers (up to 1.45x
+      the error). Inside this context GPTQ gets the Cholesky factor (activation_order=False
+      only: kmp's setting).
+    - **Calibration windows differ from run to run.** Keras's data loader concatenates the
+      samples and cuts new windows at an offset from Python's `hash` of a string, which is
+      salted per process. Inside this context it returns `windows` as they are.
+
+    Args:
+        windows: int array (samples, seq_len). The token ids to calibrate on.
+    """
+    import numpy as np
+    from keras.src.quantizers import awq_core, gptq, gptq_core  # Keras 3.15.1: not public
+
+    windows = np.asarray(windows, dtype="int32")
+    quantize_matrix = gptq.gptq_quantize_matrix
+
+    def with_cholesky_factor(weights_transpose, inv_hessian, **kwargs):
+        if kwargs.get("activation_order"):
+            raise NotImplementedError("kmp's GPTQ calibration supports activation_order=False "
+                                      "only (the features must be permuted before the "
+                                      "Cholesky factor is taken).")
+        inverse = keras.ops.convert_to_numpy(inv_hessian).astype("float64")
+        upper = np.linalg.cholesky((inverse + inverse.T) / 2).T
+        return quantize_matrix(weights_transpose, keras.ops.convert_to_tensor(
+            upper.astype("float32")), **kwargs)
+
+    def fixed_windows(tokenizer, sequence_length, dataset, num_samples=128, **kwargs):
+        if windows.shape[1] != sequence_length or len(windows) < num_samples:
+            raise ValueError(f"Calibration asks for {num_samples} windows of {sequence_length} "
+                             f"tokens; this context holds {windows.shape}.")
+        return windows[:num_samples, None, :]
+
+    patches = {
+        (gptq, "gptq_quantize_matrix"): with_cholesky_factor,
+        (gptq_core, "get_dataloader"): fixed_windows,
+        (awq_core, "get_dataloader"): fixed_windows,
+        (gptq_core, "stream_hessians"): lambda layers, objects: _hook_quantized_calls(
+            layers, objects, lambda state, x: state.update_hessian_with_batch(x)),
+        (awq_core, "stream_activations"): lambda layers, objects: _hook_quantized_calls(
+            layers, objects, lambda state, x: state.update_activation_magnitudes(x)),
+    }
+    originals = {key: getattr(*key) for key in patches}
+    try:
+        for (module, name), value in patches.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name), value in originals.items():
+            setattr(module, name, value)
+
+
+def replace_loss_tracker(model, tracker) -> None:
+    """Makes `tracker` (a keras.metrics.Mean) the compiled `model`'s loss tracker, the metric
+    fit logs as `loss`. Keras 3.15.1 keeps it in `Trainer._loss_tracker`, set by `compile` and
+    updated by each backend's train and test step with the step's unscaled loss."""
+    with tracking_unlocked(model):
+        model._loss_tracker = tracker

@@ -17,8 +17,21 @@ LOG_KEYS = ("loss_scale", "skipped_steps", "consecutive_skips", "grad_norm")
 
 
 class BatchLoss:
-    """Each batch's own loss, from the running mean over the epoch that Keras logs:
-    k·mean_k − (k−1)·mean_(k−1), in float64. Call `reset` at each epoch's start."""
+    """Each training batch's own loss, read from fit's logs.
+
+    Models compiled by `kmp.compile` log it as `batch_loss` (`LossTracker`). For other models
+    it is derived from the running mean over the epoch that Keras logs as `loss`:
+    k·mean_k − (k−1)·mean_(k−1), in float64; after a non-finite loss that mean stays
+    non-finite for the rest of the epoch, and so do the derived values. Call `reset` at each
+    epoch's start.
+
+    Example:
+    >>> losses = BatchLoss()
+    >>> losses(0, {"loss": 4.0}), losses(1, {"loss": 3.5})
+    (4.0, 3.0)
+    >>> losses(2, {"loss": float("nan"), "batch_loss": 2.5})
+    2.5
+    """
 
     def __init__(self):
         self.reset()
@@ -26,10 +39,34 @@ class BatchLoss:
     def reset(self):
         self._total = 0.0
 
-    def update(self, batch: int, mean: float) -> float:
-        total = float(mean) * (batch + 1)
-        loss, self._total = total - self._total, total
-        return loss
+    def __call__(self, batch: int, logs) -> float | None:
+        """Batch `batch`'s (0-based, in the epoch) loss, or None when the logs have none."""
+        if not logs or "loss" not in logs:
+            return None
+        total = float(logs["loss"]) * (batch + 1)
+        derived, self._total = total - self._total, total
+        return float(logs["batch_loss"]) if "batch_loss" in logs else derived
+
+
+class LossTracker(keras.metrics.Mean):
+    """Keras's loss tracker (the epoch's running mean, logged as `loss`) that also logs each
+    step's own loss as `batch_loss`, so a non-finite loss on one step (a skipped float16
+    overflow) does not hide the losses of the steps after it. `kmp.compile` installs it.
+
+    Args:
+        name: str. Defaults to "loss".
+    """
+
+    def __init__(self, name="loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.last = self.add_variable((), "zeros", "float32", "mean", "last")
+
+    def update_state(self, values, sample_weight=None):
+        super().update_state(values, sample_weight=sample_weight)
+        self.last.assign(ops.cast(ops.mean(values), "float32"))
+
+    def result(self):
+        return {self.name: super().result(), f"batch_{self.name}": ops.copy(self.last.value)}
 
 
 class ScalerMetrics(keras.metrics.Metric):
@@ -59,7 +96,7 @@ class ScalerMetrics(keras.metrics.Metric):
         pass
 
     def result(self):
-        step = self._opt.__dict__.pop("_step_state", None)
+        step = self._opt.take_step_state()  # what this step left (see its docstring)
         if step is not None:
             for key, variable in self._state.items():
                 variable.assign(ops.cast(step[key], "float32"))
@@ -116,17 +153,20 @@ class TensorBoardScalars(keras.callbacks.Callback):
 
     Keras's own `keras.callbacks.TensorBoard` needs TensorFlow; this writes the same scalar
     layout (`train/` every `update_freq` batches as `batch_<name>`, and `train/` and
-    `validation/` as `epoch_<name>` per epoch) through `SummaryWriter`.
+    `validation/` as `epoch_<name>` at each epoch's end) through `SummaryWriter`. Every scalar's
+    step is the run's batch count, continued from `step`: a resumed or rolled-back run's
+    curves go on where it stands instead of starting again at 0.
 
     Args:
         log_dir: str or Path. Root directory of the event files.
         update_freq: int. Batches between batch-level scalars. Defaults to 10.
+        step: int. Batches the run trained before this `fit`. Defaults to 0.
     """
 
-    def __init__(self, log_dir, update_freq=10):
+    def __init__(self, log_dir, update_freq=10, step=0):
         super().__init__()
         self.log_dir, self.update_freq = Path(log_dir), update_freq
-        self._writers, self._batches = {}, 0
+        self._writers, self._batches = {}, step
 
     def _writer(self, name):
         if name not in self._writers:
@@ -136,13 +176,18 @@ class TensorBoardScalars(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
         if logs and self._batches % self.update_freq == 0:
+            logs = dict(logs)
+            if "batch_loss" in logs:  # the step's own loss (kmp.compile), not the epoch's mean
+                logs["loss"] = logs.pop("batch_loss")
             for key, value in logs.items():
                 self._writer("train").scalar(f"batch_{key}", value, self._batches)
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
+            if key.removeprefix("val_") == "batch_loss":  # one step's: no epoch figure
+                continue
             split, key = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
-            self._writer(split).scalar(f"epoch_{key}", value, epoch)
+            self._writer(split).scalar(f"epoch_{key}", value, self._batches)
         for writer in self._writers.values():
             writer.flush()
 

@@ -1,11 +1,14 @@
 """Atomic training checkpoints: weights, optimizer and loss-scale state, and a JSON record.
 
-A checkpoint is `step-NNNNNNN.weights.h5` (model and optimizer variables, which include
+A checkpoint is `batch-NNNNNNNN.weights.h5` (model and optimizer variables, which include
 kmp.LossScaleOptimizer's scale and counters) plus `latest.json`, which names it and carries its
-size and SHA-256, the epoch, the optimizer step, a precision record (policy, loss-scaler state,
-versions, device) and any extra state. Each file is written under a temporary name, flushed to
-disk and renamed into place, and `latest.json` is replaced last: a kill at any moment leaves the
-previous checkpoint whole and named. Weights files are HDF5 arrays: loading runs no code.
+size and SHA-256, where the run stands (`batches`: training batches done, skipped updates
+included; `position`: the data position the run reads next; `step`: the optimizer's own step
+count), a precision record (policy, loss-scaler state, versions, device) and any extra state.
+Each file is written under a temporary name, flushed to disk and renamed into place, a name
+never reused while `latest.json` points at it, and `latest.json` is replaced last: a kill at
+any moment leaves the previous checkpoint whole and named. Weights files are HDF5 arrays:
+loading runs no code. `prepare_run` checks a run directory before a run (re)starts in it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ def write_json_atomic(path, data: dict):
     write_bytes_atomic(path, json.dumps(data, indent=2).encode())
 
 
+def optimizer_steps(optimizer) -> int:
+    """The optimizer's own step count as a Python int (updates applied; under gradient
+    accumulation Keras derives it from the micro-batch counter), on every backend."""
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
 class Checkpoint(keras.callbacks.Callback):
     """Saves an atomic checkpoint at the end of every epoch (see the module docstring).
 
@@ -53,6 +62,11 @@ class Checkpoint(keras.callbacks.Callback):
             (e.g. the loss history). Defaults to None.
         keep: int. Checkpoints kept on disk, newest first; at least 1 (the one `--resume`
             reads). Defaults to 2.
+        batches: int. Training batches the run had done before this `fit` (a resumed run's
+            `batches`). Defaults to 0.
+        position: callable or None. Maps the run's batch count to the data position it reads
+            next (when some data positions are skipped, `kmp.recovery.RecoveryPlan.position`).
+            Defaults to None: the same number.
 
     Raises:
         UserError: if `keep` is not an int >= 1.
@@ -64,35 +78,56 @@ class Checkpoint(keras.callbacks.Callback):
     True
     """
 
-    def __init__(self, directory, extra_state=None, keep=2):
+    def __init__(self, directory, extra_state=None, keep=2, batches=0, position=None):
         super().__init__()
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise UserError(f"Checkpoint: keep must be an int >= 1 (the newest checkpoint is "
                             f"always kept). Received: keep={keep!r}")
         self.directory = Path(directory)
         self.extra_state, self.keep = extra_state, keep
+        self.batches = batches
+        self.position = position or (lambda b: b)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
 
     def on_epoch_end(self, epoch, logs=None):
-        self.save(epoch + 1)
+        if getattr(self.model, "stop_training", False):  # a run stopped mid-epoch (e.g. its loss turned
+            return  # non-finite): its state is not one to continue from
+        self.save()
 
-    def save(self, epoch: int):
-        """Writes the checkpoint for the state after `epoch` epochs; returns its record."""
+    def _new_name(self, batches: int) -> str:
+        """A file name for the checkpoint after `batches`, never one that exists (above all
+        the one latest.json names: a rollback or resume can reach the same count again)."""
+        name, n = f"batch-{batches:08d}.weights.h5", 1
+        while (self.directory / name).exists():
+            name, n = f"batch-{batches:08d}-{n}.weights.h5", n + 1
+        return name
+
+    def save(self, batches: int | None = None):
+        """Writes the checkpoint of the state after `batches` training batches (default: the
+        batches this callback has counted); returns its record."""
+        self.batches = self.batches if batches is None else batches
         self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob("tmp-*.weights.h5"):  # a save a kill interrupted
+            stale.unlink(missing_ok=True)
         backends.sync_state(self.model)
-        step = int(self.model.optimizer.iterations.numpy())
-        name = f"step-{step:07d}.weights.h5"
+        name = self._new_name(self.batches)
         tmp = self.directory / f"tmp-{name}"
         with distributed.local():  # process 0 alone, in a run across processes
             self.model.save_weights(tmp, overwrite=True)
         _fsync_file(tmp)
         os.replace(tmp, self.directory / name)
         record = {"weights": name, "bytes": (self.directory / name).stat().st_size,
-                  "sha256": _sha256(self.directory / name), "epoch": epoch, "step": step,
+                  "sha256": _sha256(self.directory / name), "batches": self.batches,
+                  "position": int(self.position(self.batches)),
+                  "step": optimizer_steps(self.model.optimizer),
                   "precision": precision_record(self.model),
                   "extra": self.extra_state() if self.extra_state else {}}
         write_json_atomic(self.directory / LATEST, record)
-        old = sorted(self.directory.glob("step-*.weights.h5"))[:-self.keep]
-        for path in old:
+        files = [*self.directory.glob("batch-*.weights.h5"),
+                 *self.directory.glob("step-*.weights.h5")]  # kmp <= 0.1.0's names
+        for path in sorted(files, key=lambda f: f.stat().st_mtime_ns)[:-self.keep]:
             if path.name != name:
                 path.unlink(missing_ok=True)
         return record
@@ -127,7 +162,7 @@ def latest(directory) -> dict | None:
         return None
     try:
         record = json.loads(path.read_text())
-        if not isinstance(record, dict) or not {"weights", "epoch", "step"} <= set(record):
+        if not isinstance(record, dict) or not {"weights", "step"} <= set(record):
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{path} is not a kmp checkpoint record (damaged, or from another "
@@ -189,7 +224,7 @@ def restore(model, directory, record: dict | None = None) -> dict:
     optimizer's own state carries over, the loss scale does not.
 
     Returns:
-        The checkpoint's record (weights, epoch, step, precision, extra).
+        The checkpoint's record (weights, batches, position, step, precision, extra).
 
     Raises:
         UserError: when `directory` holds no checkpoint, or the checkpoint is damaged or
@@ -216,3 +251,66 @@ def restore(model, directory, record: dict | None = None) -> dict:
     finally:
         model.optimizer = optimizer
     return record
+
+
+def prepare_run(out, config: dict, resume: bool, fixed: dict | None = None,
+                write: bool = True) -> tuple[Path, dict | None]:
+    """Makes the run directory `out` ready: creates it and checks it is writable; on `resume`,
+    checks it holds a run (config.json) whose `fixed` settings equal `config`'s and a whole
+    checkpoint (`verify`), whose record it returns; then, with `write` (process 0 of a run),
+    saves `config` as config.json. Nothing in an existing directory changes before every
+    check passed.
+
+    Args:
+        out: str or Path. The run directory.
+        config: dict. The run's settings (JSON-serializable).
+        resume: bool. Whether the run continues the one in `out`.
+        fixed: dict or None. Settings that a resumed run cannot change, each mapped to why
+            (e.g. {"num_layers": "model shape"}); settings sharing a reason are reported
+            together. Defaults to None.
+        write: bool. Write config.json (and test that `out` is writable). Defaults to True.
+
+    Returns:
+        (the directory as a Path, the checkpoint's record or None).
+
+    Raises:
+        UserError: for a directory that cannot be written, or a resume that does not fit.
+    """
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if write:
+            (out / ".write-test").write_text("")
+            (out / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"The run directory {str(out)!r} is not writable ({e.strerror}). Pick "
+                        "another directory.", field="out") from None
+    saved, record = out / "config.json", None
+    if resume:
+        if not saved.exists():
+            raise UserError(f"Resume: {out} is not a kmp pretrain run (no config.json). Point "
+                            "the run directory at a run, or do not resume.", field="resume")
+        try:
+            old = json.loads(saved.read_text())
+            if not isinstance(old, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"Resume: {saved} is not a kmp config (damaged?). Point the run "
+                            "directory at a kmp pretrain run, or do not resume.",
+                            field="resume") from None
+        record = verify(out / "checkpoints")  # before anything in the run is rewritten
+        if "batches" not in record:
+            raise UserError(f"Resume: the checkpoint in {out} was written by kmp 0.1.0, which "
+                            "did not record the data position. Resume it with kmp 0.1.0, or "
+                            "start a new run.", field="resume")
+        changed: dict[str, list[str]] = {}
+        for key, why in (fixed or {}).items():
+            if key in old and old[key] != config.get(key):
+                changed.setdefault(why, []).append(f"{key} {old[key]} -> {config.get(key)}")
+        if changed:
+            what = "; ".join(f"another {why} ({', '.join(c)})" for why, c in changed.items())
+            raise UserError(f"Resume: the run in {out} has {what}. Use the run's own settings "
+                            "or another run directory.", field="resume")
+    if write:
+        write_json_atomic(saved, config)
+    return out, record

@@ -7,11 +7,12 @@ variables that Keras reads (`keras.distribution.initialize`, which starts `jax.d
     KERAS_DISTRIBUTION_NUM_PROCESSES   N
     KERAS_DISTRIBUTION_PROCESS_ID      this process, 0 .. N-1
 
-Any launcher that sets them works (SLURM, Kubernetes, ssh: docs/distributed.md). `launch`
-is the local one behind `kmp pretrain --processes N`: a coordinator on 127.0.0.1 at a free
-port, one CPU device per process (unless JAX_PLATFORMS says otherwise), and a watch over
-the workers: when one dies, the others are stopped (they would wait forever in the next
-all-reduce) and the launcher says which.
+Any launcher that sets them works (SLURM, Kubernetes, ssh: docs/distributed.md).
+`launch_local` is the local one behind `kmp pretrain --processes N`: a coordinator on
+127.0.0.1 at a free port, one GPU per process where the machine has enough (else one CPU
+device each; a JAX_PLATFORMS the user set is kept), and a watch over the workers: when one
+dies, the others are stopped (they would wait forever in the next all-reduce) and the
+launcher says which; a worker's user error or stopped run is reported as such.
 
 Every process computes the same SPMD program over the global batch: each feeds its own rows
 of it (`shard`), Keras assembles them (`jax.make_array_from_process_local_data`), and the
@@ -22,11 +23,13 @@ MultiWorkerMirroredStrategy is not used: with Keras 3 it fails (keras-team/keras
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from kmp.errors import TrainingStopped, UserError
 ADDRESS, COUNT, INDEX = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
                          "KERAS_DISTRIBUTION_PROCESS_ID")
 GRACE_SECONDS = 5  # after one worker dies: SIGTERM to the others, then SIGKILL
+ERRORS = "KMP_WORKER_ERRORS"  # where `launch`'s workers leave the error that stopped them
 
 
 def process_count() -> int:
@@ -74,11 +78,11 @@ def initialize():
         return None
     import keras
 
-    if keras.backend.backend() != "jax":
-        raise UserError(f"Training across processes runs on the JAX backend (Keras's "
-                        f"multi-host path); this is {keras.backend.backend()}. TensorFlow's "
-                        "MultiWorkerMirroredStrategy fails with Keras 3 (keras-team/keras"
-                        "#20585). Run: kmp --backend jax pretrain ...", field="processes")
+    from kmp import backends
+
+    # Keras's multi-host path; TensorFlow's MultiWorkerMirroredStrategy fails with Keras 3
+    # (keras-team/keras#20585).
+    backends.require("Training across processes", "jax")
     import jax
 
     keras.distribution.initialize()  # reads the three variables; starts jax.distributed
@@ -86,6 +90,64 @@ def initialize():
     mesh.auto_shard_dataset = False  # each process already reads its own rows (`shard`)
     keras.distribution.set_distribution(mesh)
     return len(jax.devices())
+
+
+def join(processes: int, log_dir) -> int | None:
+    """Joins this process to a run across `processes` processes started by a launcher
+    (`launch_local`, or any that sets the environment above): checks the count, sends the
+    output of every process but 0 to `log_dir/worker-K.log`, and sets Keras's distribution
+    (`initialize`). Returns the number of devices, or None for a process alone.
+
+    Raises:
+        UserError: when the launcher started another number of processes.
+    """
+    if processes > 1 and process_count() != processes:
+        raise UserError(f"processes={processes}, but the launcher started {process_count()} "
+                        f"({COUNT}). Give the same count, or drop processes.",
+                        field="processes")
+    if not is_chief():  # only process 0 talks and writes
+        log_to_file(log_dir)
+    return initialize()
+
+
+def launch_local(command: list[str], processes: int, out, prepare=None) -> int:
+    """`kmp COMMAND --processes N` on one machine: N workers of `kmp COMMAND` on the JAX
+    backend, one GPU each when the machine has N, else one CPU device each.
+
+    Args:
+        command: list of str. The kmp command and its arguments, e.g. ["pretrain", ...].
+        processes: int. How many workers.
+        out: str or Path. The run directory (the workers' logs go to its logs/).
+        prepare: callable or None. Runs before any worker starts: the run's checks (a user
+            error stops here, not in N workers) and what the workers share (a data cache
+            built once, not by N workers at once). Defaults to None.
+
+    Raises:
+        UserError: when JAX is missing; from `prepare`; a worker's user error.
+        TrainingStopped: when a worker failed (see `launch`).
+    """
+    import importlib.util
+    import shlex
+
+    if importlib.util.find_spec("jax") is None:
+        raise UserError("Training across processes runs on the JAX backend, which is not "
+                        "installed. pip install 'kmp[jax]'.", field="processes")
+    if prepare is not None:
+        prepare()
+    from kmp.hardware import detect
+
+    print("processes: the workers run on the JAX backend (Keras's multi-host path; "
+          "TensorFlow's MultiWorkerMirroredStrategy fails with Keras 3, keras-team/keras#20585)")
+    hardware = detect()
+    devices = worker_devices(processes, hardware.count if hardware.kind == "gpu" else 0)
+    where = ("one GPU each" if "CUDA_VISIBLE_DEVICES" in devices[0]
+             else f"JAX_PLATFORMS={devices[0]['JAX_PLATFORMS']}")
+    resume = [*command, *([] if "--resume" in command else ["--resume"])]
+    hint = shlex.join(["kmp", "--backend", "jax", *resume])
+    print(f"processes: starting {processes} workers ({where}); process 0 prints and writes "
+          f"{out}, the others log to {Path(out) / 'logs'}/worker-K.log", flush=True)
+    return launch([sys.executable, "-m", "kmp.cli", "--backend", "jax", *command], processes,
+                  hint, devices)
 
 
 @contextlib.contextmanager
@@ -139,25 +201,71 @@ def _how(code: int) -> str:
     return f"exit status {code}"
 
 
-def launch(command: list[str], processes: int, resume_hint: str, poll: float = 0.2) -> int:
+@contextlib.contextmanager
+def reporting():
+    """Around a worker's work: a `UserError` or `TrainingStopped` leaving the body is also
+    written where `launch` looks (its error directory), so the launcher reports it as what
+    it is, not as a crash. A no-op outside `launch`."""
+    try:
+        yield
+    except (UserError, TrainingStopped) as e:
+        directory = os.environ.get(ERRORS)
+        if directory:
+            kind = "user" if isinstance(e, UserError) else "stopped"
+            Path(directory, f"worker-{process_index()}.json").write_text(json.dumps(
+                {"kind": kind, "message": str(e), "field": getattr(e, "field", None)}))
+        raise
+
+
+def worker_devices(processes: int, accelerators: int) -> list[dict]:
+    """Each local worker's device environment: one GPU each (CUDA_VISIBLE_DEVICES) when the
+    machine has at least `processes` of them, else one CPU device each. A JAX_PLATFORMS the
+    user set is kept as it is.
+
+    Example:
+    >>> worker_devices(2, 0)
+    [{'JAX_PLATFORMS': 'cpu'}, {'JAX_PLATFORMS': 'cpu'}]
+    >>> worker_devices(2, 4)[1]
+    {'CUDA_VISIBLE_DEVICES': '1'}
+    """
+    if "JAX_PLATFORMS" in os.environ:
+        return [{"JAX_PLATFORMS": os.environ["JAX_PLATFORMS"]}] * processes
+    if accelerators >= processes:
+        return [{"CUDA_VISIBLE_DEVICES": str(k)} for k in range(processes)]
+    return [{"JAX_PLATFORMS": "cpu"}] * processes
+
+
+def launch(command: list[str], processes: int, resume_hint: str, devices=None,
+           poll: float = 0.2) -> int:
     """Runs `command` as `processes` local worker processes of one run and waits for them.
 
     Args:
         command: list of str. The worker's command line (the same for each).
         processes: int. How many.
         resume_hint: str. The command that resumes the run, for the message when one dies.
+        devices: list of dict or None. Each worker's device environment (`worker_devices`).
+            Defaults to None: one CPU device each.
         poll: float. Seconds between looks at the workers.
 
     Returns:
         0 when every worker finished.
 
     Raises:
-        TrainingStopped: when a worker failed; the others are stopped first.
+        UserError: when a worker stopped on a user error (the same message).
+        TrainingStopped: when a worker's run stopped or a worker failed; the others are
+            stopped first.
     """
+    with tempfile.TemporaryDirectory(prefix="kmp-workers-") as errors:
+        return _run(command, processes, resume_hint, devices or worker_devices(processes, 0),
+                    errors, poll)
+
+
+def _run(command, processes, resume_hint, devices, errors, poll) -> int:
     port = free_port()
     env = {**os.environ, ADDRESS: f"127.0.0.1:{port}", COUNT: str(processes),
-           "KERAS_BACKEND": "jax", "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    workers = [subprocess.Popen(command, env={**env, INDEX: str(k)})
+           "KERAS_BACKEND": "jax", ERRORS: errors}
+    env.pop("JAX_PLATFORMS", None)
+    workers = [subprocess.Popen(command, env={**env, **devices[k], INDEX: str(k)})
                for k in range(processes)]
     try:
         while True:
@@ -172,6 +280,12 @@ def launch(command: list[str], processes: int, resume_hint: str, poll: float = 0
         _stop(workers)
         raise
     _stop(workers)
+    reported = sorted(Path(errors).glob("worker-*.json"))
+    if reported:  # a user error or a stopped run, which every worker met alike
+        error = json.loads(reported[0].read_text())
+        if error["kind"] == "user":
+            raise UserError(error["message"], field=error["field"])
+        raise TrainingStopped(error["message"])
     k = failed[0]
     where = "" if k == 0 else f" (its log: logs/worker-{k}.log in the run's directory)"
     raise TrainingStopped(f"worker {k} of {processes} stopped ({_how(codes[k])}){where}; "

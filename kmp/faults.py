@@ -187,3 +187,52 @@ class PoisonedRows(keras.utils.PyDataset):
         if self.here and self.hit(i):
             weights[:] = self.bad
         return x, y, weights
+
+
+def rehearsal(spec: str, dataset, first: int = 0, position=None, batches_per_step: int = 1,
+              worker: int = 0, workers: int = 1):
+    """Wires the faults of `spec` (`parse_faults`) into a run: one `FaultInjector` per kind
+    (wrap the loss with each, pass each to fit) and, for the faults aimed at one worker's rows
+    (inf@5:1), `dataset` wrapped in `PoisonedRows`. Faults are keyed to data positions, so a
+    rolled-back run that skips the faulty window does not meet them again.
+
+    Args:
+        spec: str. The faults, e.g. "nan@200x30,spike@300" (empty: none).
+        dataset: PyDataset. The fit's training batches; item k is the run's batch `first + k`.
+        first: int. The run's index of the fit's first batch. Defaults to 0.
+        position: callable or None. The run's batch index -> data position (skipped windows
+            left out, `kmp.recovery.RecoveryPlan.position`). Defaults to None: the same.
+        batches_per_step: int. Batches per optimizer step: a fault's STEP is the data
+            position divided by it. Defaults to 1.
+        worker: int. This process's index. Defaults to 0.
+        workers: int. The run's process count. Defaults to 1.
+
+    Returns:
+        (list of FaultInjector, the dataset to fit on).
+
+    Raises:
+        UserError: for a spec that cannot be read or names a worker that does not exist.
+
+    Example:
+    >>> injectors, _ = rehearsal("nan@3,spike@5", dataset=None)
+    >>> [f.kind for f in injectors]
+    ['nan', 'spike']
+    """
+    position = position or (lambda b: b)
+    faults = parse_faults(spec)
+
+    def step_of(k):  # fit batch k -> the optimizer step of the data it reads
+        return position(first + k) // batches_per_step
+
+    injectors = []
+    for kind in sorted({f.kind for f in faults if f.worker is None}):
+        chosen = [f for f in faults if f.worker is None and f.kind == kind]
+        injectors.append(FaultInjector(
+            steps=lambda k, chosen=chosen: any(f.hits(step_of(k)) for f in chosen), kind=kind))
+    for f in (f for f in faults if f.worker is not None):
+        if f.worker >= workers:
+            raise UserError(f"Fault {f.kind}@{f.step}:{f.worker}: there are {workers} "
+                            f"worker(s), 0 .. {workers - 1}.", field="inject_fault")
+        dataset = PoisonedRows(dataset, lambda k, f=f: f.hits(step_of(k)), f.kind,
+                               here=worker == f.worker)
+    return injectors, dataset

@@ -8,7 +8,6 @@ import os
 import platform
 import re
 
-from kmp import backends
 from kmp.errors import UserError
 
 # CPU flags (as /proc/cpuinfo spells them) that give native bfloat16 arithmetic.
@@ -94,6 +93,8 @@ def detect() -> Hardware:
     if fake:
         return _fake(fake)
     cpu_name, cpu_flags = _cpu_info()
+    from kmp import backends  # Keras, loaded when a probe needs it
+
     found = backends.accelerator()
     if found is not None:
         return Hardware(found["kind"], found["name"], found["compute_capability"],
@@ -116,21 +117,22 @@ def _fake(spec: str) -> Hardware:
     )
 
 
-# Dense (no sparsity) Tensor Core peaks per GPU model and form factor in TFLOP/s: (16-bit,
-# float32 via TF32, or plain FP32 where there is no TF32), from NVIDIA's datasheets (H100/H200
-# SXM, PCIe and NVL; GH200; A100; L4; L40S; A10; V100; T4). The sparse figures there are twice
-# these. V100 and T4 have no bfloat16 Tensor Cores. The A10G (AWS) has no NVIDIA datasheet, so
-# its peak is unknown rather than guessed.
+# Dense (no sparsity) peaks per GPU model and form factor in TFLOP/s: (16-bit Tensor Cores,
+# TF32 Tensor Cores or None where there are none, plain FP32), from NVIDIA's datasheets
+# (H100/H200 SXM, PCIe and NVL; GH200; A100; L4; L40S; A10; V100; T4). The sparse figures there
+# are twice these. V100 and T4 have no bfloat16 or TF32 Tensor Cores. The A10G (AWS) has no
+# NVIDIA datasheet, so its peak is unknown rather than guessed.
 PEAK_TFLOPS = {
-    "H100": {"SXM": (989.0, 495.0), "PCIE": (756.0, 378.0), "NVL": (835.0, 418.0)},
-    "H200": {"SXM": (989.0, 495.0), "NVL": (835.0, 418.0)},
-    "GH200": {"SXM": (989.0, 495.0)},
-    "A100": {"SXM": (312.0, 156.0), "PCIE": (312.0, 156.0)},
-    "L40S": {"SXM": (362.0, 183.0)},
-    "L4": {"SXM": (121.0, 60.0)},
-    "A10": {"SXM": (125.0, 62.5)},
-    "V100": {"SXM": (125.0, 15.7), "PCIE": (112.0, 14.0)},
-    "T4": {"SXM": (65.0, 8.1)},
+    "H100": {"SXM": (989.0, 495.0, 67.0), "PCIE": (756.0, 378.0, 51.0),
+             "NVL": (835.0, 418.0, 60.0)},
+    "H200": {"SXM": (989.0, 495.0, 67.0), "NVL": (835.0, 418.0, 60.0)},
+    "GH200": {"SXM": (989.0, 495.0, 67.0)},
+    "A100": {"SXM": (312.0, 156.0, 19.5), "PCIE": (312.0, 156.0, 19.5)},
+    "L40S": {"SXM": (362.0, 183.0, 91.6)},
+    "L4": {"SXM": (121.0, 60.0, 30.3)},
+    "A10": {"SXM": (125.0, 62.5, 31.2)},
+    "V100": {"SXM": (125.0, None, 15.7), "PCIE": (112.0, None, 14.0)},
+    "T4": {"SXM": (65.0, None, 8.1)},
 }
 _NO_BF16 = ("V100", "T4")
 
@@ -149,21 +151,44 @@ def gpu_model(name: str) -> tuple[str | None, str]:
     return model, form
 
 
-def peak_flops(hw: Hardware, compute_dtype: str) -> float | None:
+def peak_flops(hw: Hardware, compute_dtype: str, tf32: bool | None = None) -> float | None:
     """One device's peak FLOP/s for matmuls in `compute_dtype`, or None where it is unknown.
 
-    Known for the NVIDIA GPUs in `PEAK_TFLOPS` (float32 means TF32 on Ampere and newer, which
-    TensorFlow and JAX use for float32 matmuls by default). CPUs and TPUs return None.
+    Known for the NVIDIA GPUs in `PEAK_TFLOPS`. For float32 it is the TF32 Tensor Core peak
+    only where the GPU has TF32 (Ampere and newer) and the backend runs float32 matmuls in
+    TF32 (TensorFlow and JAX do by default, torch only when asked: see
+    `kmp.backends.float32_matmuls_use_tf32`); otherwise the plain FP32 peak, 7x (A100) to 15x
+    (H100) lower. CPUs and TPUs return None.
+
+    Args:
+        hw: Hardware. The device, e.g. from `detect()`.
+        compute_dtype: str. "float32", "float16" or "bfloat16".
+        tf32: bool or None. Whether float32 matmuls use TF32. Defaults to None: ask the
+            active Keras backend.
+
+    Returns:
+        FLOP/s as a float, or None.
 
     Example:
     >>> peak_flops(Hardware("gpu", "NVIDIA H100 80GB HBM3", (9, 0)), "bfloat16")
     989000000000000.0
+    >>> peak_flops(Hardware("gpu", "NVIDIA H100 80GB HBM3", (9, 0)), "float32", tf32=False)
+    67000000000000.0
     """
     if hw.kind != "gpu":
         return None
     model, form = gpu_model(hw.name)
     peaks = PEAK_TFLOPS.get(model, {})
-    half, single = peaks.get(form) or peaks.get("SXM") or (None, None)
+    half, tensor_float32, single = peaks.get(form) or peaks.get("SXM") or (None, None, None)
     if half is None or (compute_dtype == "bfloat16" and model in _NO_BF16):
         return None
-    return (single if compute_dtype == "float32" else half) * 1e12
+    if compute_dtype != "float32":
+        return half * 1e12
+    if tensor_float32 is not None and (hw.compute_capability or (0, 0)) >= (8, 0):
+        if tf32 is None:
+            from kmp import backends
+
+            tf32 = backends.float32_matmuls_use_tf32()
+        if tf32:
+            return tensor_float32 * 1e12
+    return single * 1e12

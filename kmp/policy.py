@@ -5,22 +5,38 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-import keras
-
-from kmp import backends
 from kmp.errors import UserError
 from kmp.hardware import Hardware, detect
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 CHOICES = ("auto",) + POLICIES
 
-# `kmp bench --preset small` on 2-core CPUs with AVX512_BF16 (an Intel Xeon with AMX in three
-# sessions, an AMD EPYC in one; keras 3.15, TF 2.21; docs/benchmarks.md), tokens/s relative to
-# float32 with the same XLA setting, TensorFlow backend: mixed_bfloat16 1.32x-1.68x without XLA,
-# 0.79x-0.97x with XLA; mixed_float16 0.74x-1.02x. JAX (always XLA): mixed_bfloat16 1.10x.
-# torch (eager): mixed_bfloat16 1.22x (small) to 1.41x (tiny).
-_CPU_NOTE = ("kmp bench, small GPT on 2-core AVX512_BF16 CPUs, TensorFlow: bf16 1.3x to 1.7x "
-             "float32's tokens/s without XLA, 0.8x to 1.0x with XLA; fp16 0.7x to 1.0x")
+# What `kmp bench` measured (small and tiny GPT presets, tokens/s against float32 with the same
+# XLA setting; keras 3.15, TF 2.21; docs/benchmarks.md) on CPUs with native bf16, per Keras
+# backend, and the machines it ran on: never this machine's own figures, so the reasons that cite
+# them say where they come from.
+_XEON = "2-core Intel Xeons with AVX512_BF16 and AMX (three sessions)"
+_EPYC = "a 2-core AMD EPYC with AVX512_BF16 and no AMX"
+CPU_MEASURED = {
+    "tensorflow": ("TensorFlow: bf16 1.3x to 1.7x float32's tokens/s without XLA, 0.8x to 1.0x "
+                   f"with XLA; fp16 0.7x to 1.0x; measured on {_XEON} and on {_EPYC}"),
+    "jax": ("JAX: bf16 1.1x float32's tokens/s with XLA (always on under JAX); fp16 0.8x to "
+            f"1.0x; measured on {_EPYC}"),
+    "torch": ("torch (eager): bf16 1.2x to 1.4x float32's tokens/s; fp16 0.2x to 0.3x; "
+              f"measured on {_EPYC}"),
+}
+
+
+def _measured() -> str:
+    """The CPU measurements for the active backend, saying where they were made."""
+    from kmp import backends
+
+    return f"kmp bench, GPT presets, {CPU_MEASURED[backends.name()]}; docs/benchmarks.md"
+
+
+def _cpu_flags(hw: Hardware) -> str:
+    """The bf16 flags this CPU has, as Intel names them: 'AVX512_BF16 and AMX_BF16'."""
+    return " and ".join(f.upper() for f in hw.cpu_flags)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +93,8 @@ def recommend(hw: Hardware) -> tuple[str, bool, str]:
         )
     if hw.cpu_bf16:
         return "mixed_bfloat16", False, (
-            f"this CPU has {'/'.join(hw.cpu_flags)}, and bf16 is faster only without XLA "
-            f"({_CPU_NOTE})."
+            f"this CPU ({hw.name}) has {_cpu_flags(hw)} (native bfloat16); on such CPUs bf16 "
+            f"trained faster than float32 ({_measured()})."
         )
     return "float32", True, (
         "this CPU has no native bfloat16 or float16 arithmetic, so half precision is emulated "
@@ -90,8 +106,8 @@ def _warning_for(policy: str, hw: Hardware) -> str | None:
     cc = hw.compute_capability or (0, 0)
     if policy == "mixed_float16":
         if hw.kind == "cpu":
-            return (f"float16 on CPUs is barely faster than float32 and needs loss scaling "
-                    f"({_CPU_NOTE}).")
+            return ("float16 on CPUs is no faster than float32 and needs loss scaling "
+                    f"({_measured()}).")
         if hw.kind == "tpu":
             return "TPUs have no float16 units; use mixed_bfloat16."
         if cc < (7, 0):
@@ -108,16 +124,12 @@ def _warning_for(policy: str, hw: Hardware) -> str | None:
 
 
 def _on_backend(jit: bool, reason: str) -> tuple[bool, str]:
-    """The XLA setting for the active Keras backend: the hardware's choice on TensorFlow;
-    always on under JAX (without jit, Keras's JAX trainer dispatches op by op); off under
-    torch, Keras's default there (jit_compile=True means torch.compile)."""
-    backend = backends.name()
-    if backend == "jax" and not jit:
-        return True, reason + (" Under JAX XLA stays on (without it each op runs on its own); "
-                               "there bf16 measured 1.1x float32 on the same CPUs.")
-    if backend == "torch" and jit:
-        return False, reason + " torch runs eagerly, as Keras's default there."
-    return jit, reason
+    """The hardware's XLA choice as the active Keras backend takes it, and the reason with the
+    backend's note where it differs (see `kmp.backends.jit_compile_for`)."""
+    from kmp import backends
+
+    jit, note = backends.jit_compile_for(jit)
+    return jit, reason if note is None else f"{reason} {note}"
 
 
 def _check_name(name: str) -> str:
@@ -176,10 +188,13 @@ def set_policy(name: str = "auto", hardware: Hardware | None = None) -> Precisio
         UserError: if `name` is unknown.
 
     Example:
+    >>> import keras
     >>> p = set_policy("float32")
     >>> keras.config.dtype_policy().name
     'float32'
     """
+    import keras
+
     chosen = plan(name, hardware)
     if chosen.warning:
         warnings.warn(f"kmp: {chosen.policy} honoured, but {chosen.warning}", stacklevel=2)

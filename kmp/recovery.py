@@ -23,15 +23,19 @@ learning rates.
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import math
 import statistics
+from pathlib import Path
 
 import keras
 from keras import ops
 
 from kmp import backends
-from kmp.callbacks import BatchLoss
-from kmp.errors import TrainingStopped
+from kmp.callbacks import BatchLoss, SummaryWriter
+from kmp.checkpoint import LATEST, verify, write_json_atomic
+from kmp.errors import TrainingStopped, UserError
 from kmp.scaling import LossScaleOptimizer
 
 # Defaults from measurement (docs/reliability.md): over nine clean 600-step tiny runs (three
@@ -57,6 +61,7 @@ class Event(Exception):
         super().__init__(f"step {step}: {CAUSES[cause]}: {detail}")
         self.cause, self.step, self.batch, self.detail = cause, step, batch, detail
         self.loss = loss
+        self.losses = []  # (step, loss) of the batches the broken fit trained, for the plot
 
 
 class Watchdog(keras.callbacks.Callback):
@@ -70,8 +75,10 @@ class Watchdog(keras.callbacks.Callback):
             `window` losses is a spike. Defaults to `SPIKE_FACTOR`.
         window: int. Losses in the running median; no spike is called before this many.
             Defaults to `SPIKE_WINDOW`.
-        max_skips: int or None. Consecutive skipped steps (loss scaling) that make an event.
-            Defaults to None: the optimizer's `max_consecutive_skips`.
+        max_skips: int or None. Consecutive skipped optimizer steps (loss scaling) that make
+            an event; under gradient accumulation the scaler skips micro-batches, and the
+            budget is `max_skips x batches_per_step` of them. Defaults to None: the
+            optimizer's `max_consecutive_skips` (counted as it counts).
         first_batch: int. The run's index of the first batch this `fit` trains. Defaults to 0.
         batches_per_step: int. Batches per optimizer step (gradient accumulation). Defaults to 1.
         recent: iterable of float. The losses before `first_batch` (from a checkpoint).
@@ -85,17 +92,23 @@ class Watchdog(keras.callbacks.Callback):
     def __init__(self, spike_factor=SPIKE_FACTOR, window=SPIKE_WINDOW, max_skips=None,
                  first_batch=0, batches_per_step=1, recent=()):
         super().__init__()
+        if max_skips is not None and (not isinstance(max_skips, int) or max_skips < 1):
+            raise UserError(f"Watchdog: max_skips must be None or an int >= 1. Received: "
+                            f"max_skips={max_skips!r}")
         self.spike_factor, self.max_skips = float(spike_factor), max_skips
         finite = [x for x in recent if math.isfinite(x)]
         self.recent = collections.deque(finite[-window:] if window else [], maxlen=window)
         self.batch, self.batches_per_step = first_batch, batches_per_step
+        self.seen = []  # (step, loss) of every batch of this fit
         self._losses = BatchLoss()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._losses.reset()
 
     def _event(self, cause, detail, loss=None):
-        return Event(cause, self.batch // self.batches_per_step, self.batch, detail, loss)
+        event = Event(cause, self.batch // self.batches_per_step, self.batch, detail, loss)
+        event.losses = list(self.seen)
+        return event
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -107,19 +120,23 @@ class Watchdog(keras.callbacks.Callback):
     def _check(self, batch, logs):
         scaler = self.model.optimizer
         scaler = scaler if isinstance(scaler, LossScaleOptimizer) else None
+        loss = self._losses(batch, logs)
+        if loss is not None:
+            self.seen.append(((self.batch + 1) / self.batches_per_step, loss))
         if scaler is not None:
-            budget = self.max_skips or scaler.max_consecutive_skips
+            budget = (scaler.max_consecutive_skips if self.max_skips is None
+                      else self.max_skips * self.batches_per_step)
             skips = logs.get("consecutive_skips")
             if skips is None:
                 backends.sync_state(self.model)
                 skips = scaler.state()["consecutive_skips"]
             if budget and skips >= budget:
                 backends.sync_state(self.model)
-                raise self._event("skip_budget", f"{int(skips)} consecutive skipped steps; "
+                unit = "micro-batches" if self.batches_per_step > 1 else "steps"
+                raise self._event("skip_budget", f"{int(skips)} consecutive skipped {unit}; "
                                   f"non-finite gradients in: {scaler.overflow_summary()}")
-        if "loss" not in logs:
+        if loss is None:
             return
-        loss = self._losses.update(batch, logs["loss"])
         if not math.isfinite(loss):
             if scaler is None:  # with scaling the step was skipped: the skip budget judges
                 raise self._event("nonfinite_loss", f"loss {loss} without loss scaling")
@@ -308,3 +325,85 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if isinstance(schedule, dict):
             schedule = keras.saving.deserialize_keras_object(schedule)
         return cls(schedule, config["windows"])
+
+
+def roll_back(event: Event, plan: RecoveryPlan, checkpoints, policy: str,
+              batches_per_step: int = 1, bf16: bool = False, log_dir=None,
+              chief: bool = True) -> dict:
+    """Decides the recovery from `event` (`RecoveryPlan.decide`), prints it, and records the
+    new plan in the last verified checkpoint's record, which it returns.
+
+    Args:
+        event: Event. What broke (its `losses` are kept for the loss plot).
+        plan: RecoveryPlan. The run's plan, changed in place.
+        checkpoints: str or Path. The run's checkpoint directory.
+        policy: str. The dtype policy the run broke under.
+        batches_per_step: int. Gradient accumulation. Defaults to 1.
+        bf16: bool. Whether the hardware computes bfloat16 natively. Defaults to False.
+        log_dir: str, Path or None. Where to write the recovery as TensorBoard text and
+            scalars. Defaults to None.
+        chief: bool. Whether this process writes (every process of a run decides alike).
+            Defaults to True.
+
+    Raises:
+        TrainingStopped: when there is no checkpoint to roll back to, or the ladder is spent.
+    """
+    try:
+        record = verify(checkpoints)
+    except UserError as e:
+        raise TrainingStopped(f"step {event.step}: {CAUSES[event.cause]}, and no checkpoint "
+                              f"to roll back to: {e}") from e
+    done = plan.decide(event, record["batches"] // batches_per_step, policy, bf16,
+                       batches_per_step, iteration=record["step"])
+    done["abandoned_losses"] = [[x, loss if math.isfinite(loss) else None]
+                                for x, loss in event.losses if x > done["rolled_back_to"]]
+    line = (f"recover: step {event.step}: {CAUSES[event.cause]} ({event.detail}) -> "
+            f"{done['action']} (attempt {done['attempt']} of {plan.attempts})")
+    print(line, flush=True)
+    record["extra"]["recovery"] = plan.state()
+    record["position"] = plan.position(record["batches"])
+    if chief:
+        if log_dir is not None:
+            writer = SummaryWriter(Path(log_dir))
+            writer.text("kmp/recovery", line, event.step)
+            writer.scalar("kmp/recoveries", len(plan.recoveries), event.step)
+            writer.close()
+        write_json_atomic(Path(checkpoints) / LATEST, record)  # a kill now resumes with it
+    return record
+
+
+def retry(attempt, plan: RecoveryPlan, checkpoints, record=None, batches_per_step: int = 1,
+          bf16: bool = False, log_dir=None, chief: bool = True):
+    """Runs `attempt(record)` until it returns; each time it raises `Event`, rolls back
+    (`roll_back`) and calls it again with the record to restart from.
+
+    `attempt` builds its model under the plan's precision (`plan.policy`, `plan.
+    float32_residual`, `plan.lr_windows`, `plan.skip`) and restores `record` when it is not
+    None. Returns what `attempt` returned.
+
+    Raises:
+        TrainingStopped: when the ladder is spent (see `RecoveryPlan.decide`).
+    """
+    while True:
+        try:
+            return attempt(record)
+        except Event as event:
+            policy = keras.config.dtype_policy().name
+            record = roll_back(event, plan, checkpoints, policy, batches_per_step, bf16,
+                               log_dir, chief)
+        gc.collect()  # the broken attempt's model and optimizer, before the next is built
+
+
+@contextlib.contextmanager
+def closing_on_event(callbacks):
+    """Closes `callbacks` (`on_train_end`) when the body raises `Event`: the interrupted
+    fit leaves its writers open."""
+    try:
+        yield
+    except Event:
+        for callback in callbacks:
+            try:
+                callback.on_train_end()
+            except Exception as e:  # the event is what matters now
+                print(f"recover: warning: closing {type(callback).__name__} failed: {e}")
+        raise

@@ -9,7 +9,13 @@ import numpy as np
 from keras import ops
 
 from kmp import backends
-from kmp._keras import no_automatic_dependency_tracking
+from kmp._keras import (
+    no_automatic_dependency_tracking,
+    optimizer_built_for,
+    optimizer_own_variables,
+    optimizer_variable_index,
+    overwrites_with_gradient,
+)
 from kmp.errors import TrainingStopped, UserError
 
 # The scaler state as `state()` and fit's logs name it -> the optimizer variable holding it.
@@ -36,6 +42,53 @@ def _is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+# The scaling settings, as the constructor, `update_settings` and the config name them.
+SETTINGS = ("initial_scale", "growth_interval", "growth_factor", "backoff_factor", "hysteresis",
+            "min_scale", "max_scale", "max_consecutive_skips")
+
+
+def _one_growth_interval(growth_interval, dynamic_growth_steps):
+    """kmp's and Keras's names for one setting: the value given, or None."""
+    if None not in (growth_interval, dynamic_growth_steps) and (
+            dynamic_growth_steps != growth_interval):
+        raise UserError(
+            "LossScaleOptimizer: growth_interval and dynamic_growth_steps are the same "
+            f"setting and were given different values. Received: growth_interval="
+            f"{growth_interval!r}, dynamic_growth_steps={dynamic_growth_steps!r}. Pass one of "
+            "them.")
+    return growth_interval if growth_interval is not None else dynamic_growth_steps
+
+
+def _validated(initial_scale, growth_interval, growth_factor, backoff_factor, hysteresis,
+               min_scale, max_scale, max_consecutive_skips) -> dict:
+    """The settings checked together and as the types kept: raises UserError on the first bad
+    one, saying what was received."""
+    num = (int, float, np.integer, np.floating)
+    _check("min_scale", min_scale, isinstance(min_scale, num) and 0 < min_scale < math.inf,
+           "a finite number > 0")
+    _check("max_scale", max_scale,
+           isinstance(max_scale, num) and min_scale <= max_scale < math.inf,
+           f"finite and >= min_scale ({min_scale})")
+    _check("initial_scale", initial_scale,
+           isinstance(initial_scale, num) and min_scale <= initial_scale <= max_scale,
+           f"within [min_scale, max_scale] = [{min_scale}, {max_scale}]")
+    _check("growth_interval", growth_interval,
+           _is_int(growth_interval) and growth_interval >= 1, "an int >= 1")
+    _check("growth_factor", growth_factor,
+           isinstance(growth_factor, num) and 1 < growth_factor < math.inf, "a number > 1")
+    _check("backoff_factor", backoff_factor,
+           isinstance(backoff_factor, num) and 0 < backoff_factor < 1, "in (0, 1)")
+    _check("hysteresis", hysteresis, _is_int(hysteresis) and hysteresis >= 1, "an int >= 1")
+    _check("max_consecutive_skips", max_consecutive_skips,
+           max_consecutive_skips is None
+           or (_is_int(max_consecutive_skips) and max_consecutive_skips >= 1),
+           "None or an int >= 1")
+    return {"initial_scale": float(initial_scale), "growth_interval": int(growth_interval),
+            "growth_factor": float(growth_factor), "backoff_factor": float(backoff_factor),
+            "hysteresis": int(hysteresis), "min_scale": float(min_scale),
+            "max_scale": float(max_scale), "max_consecutive_skips": max_consecutive_skips}
+
+
 @keras.saving.register_keras_serializable(package="kmp")
 class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """Dynamic loss scaling that cannot collapse, with hysteresis and overflow attribution.
@@ -58,7 +111,9 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     `step_counter` (finite steps since the last growth or overflow), `hysteresis_left`,
     `skipped_steps`, `consecutive_skips`, `grad_norm` (global norm of the last applied, unscaled
     gradients on this replica) and `nonfinite_counts` (per trainable variable, the number of
-    replicas whose gradient was non-finite on the last skipped step).
+    replicas whose gradient was non-finite on the last skipped step). Each step also leaves
+    that state as tensors of the step for `take_step_state()`, through which
+    `kmp.callbacks.ScalerMetrics` puts it into fit's logs.
 
     Args:
         inner_optimizer: keras.optimizers.Optimizer. The optimizer that applies the updates; its
@@ -99,13 +154,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         name=None,
         **kwargs,
     ):
-        steps = kwargs.pop("dynamic_growth_steps", None)  # Keras's name for growth_interval
-        if None not in (steps, growth_interval) and steps != growth_interval:
-            raise UserError(
-                "LossScaleOptimizer: growth_interval and dynamic_growth_steps are the same "
-                f"setting and were given different values. Received: growth_interval="
-                f"{growth_interval!r}, dynamic_growth_steps={steps!r}. Pass one of them.")
-        growth_interval = next((g for g in (growth_interval, steps) if g is not None), 2000)
+        growth_interval = _one_growth_interval(growth_interval,
+                                               kwargs.pop("dynamic_growth_steps", None))
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise UserError(
                 "LossScaleOptimizer: inner_optimizer must be a keras.optimizers.Optimizer. "
@@ -116,40 +166,77 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 "LossScaleOptimizer: inner_optimizer is already a LossScaleOptimizer; pass its "
                 f"inner_optimizer instead. Received: {inner_optimizer!r}"
             )
-        num = (int, float, np.integer, np.floating)
-        _check("min_scale", min_scale, isinstance(min_scale, num) and 0 < min_scale < math.inf,
-               "a finite number > 0")
-        _check("max_scale", max_scale,
-               isinstance(max_scale, num) and min_scale <= max_scale < math.inf,
-               f"finite and >= min_scale ({min_scale})")
-        _check("initial_scale", initial_scale,
-               isinstance(initial_scale, num) and min_scale <= initial_scale <= max_scale,
-               f"within [min_scale, max_scale] = [{min_scale}, {max_scale}]")
-        _check("growth_interval", growth_interval,
-               _is_int(growth_interval) and growth_interval >= 1, "an int >= 1")
-        _check("growth_factor", growth_factor,
-               isinstance(growth_factor, num) and 1 < growth_factor < math.inf, "a number > 1")
-        _check("backoff_factor", backoff_factor,
-               isinstance(backoff_factor, num) and 0 < backoff_factor < 1, "in (0, 1)")
-        _check("hysteresis", hysteresis, _is_int(hysteresis) and hysteresis >= 1, "an int >= 1")
-        _check("max_consecutive_skips", max_consecutive_skips,
-               max_consecutive_skips is None
-               or (_is_int(max_consecutive_skips) and max_consecutive_skips >= 1),
-               "None or an int >= 1")
+        settings = _validated(initial_scale=initial_scale,
+                              growth_interval=2000 if growth_interval is None else growth_interval,
+                              growth_factor=growth_factor, backoff_factor=backoff_factor,
+                              hysteresis=hysteresis, min_scale=min_scale, max_scale=max_scale,
+                              max_consecutive_skips=max_consecutive_skips)
         super().__init__(
             inner_optimizer,
-            initial_scale=float(initial_scale),
-            dynamic_growth_steps=int(growth_interval),
+            initial_scale=settings.pop("initial_scale"),
+            dynamic_growth_steps=settings.pop("growth_interval"),
             name=name,
             **kwargs,
         )
-        self.growth_interval = int(growth_interval)
-        self.growth_factor = float(growth_factor)
-        self.backoff_factor = float(backoff_factor)
-        self.hysteresis = int(hysteresis)
-        self.min_scale = float(min_scale)
-        self.max_scale = float(max_scale)
-        self.max_consecutive_skips = max_consecutive_skips
+        for key, value in settings.items():
+            setattr(self, key, value)
+
+    def update_settings(self, **settings):
+        """Changes scaling settings of an optimizer that has not taken a step yet.
+
+        Takes the constructor's settings by name (`initial_scale`, `growth_interval` or
+        `dynamic_growth_steps`, `growth_factor`, `backoff_factor`, `hysteresis`, `min_scale`,
+        `max_scale`, `max_consecutive_skips`), checks them together with the others as the
+        constructor does, and sets them on this object. `kmp.compile(loss_scale=...)` calls it
+        when given a kmp.LossScaleOptimizer.
+
+        Args:
+            **settings: The settings to change.
+
+        Returns:
+            This optimizer.
+
+        Raises:
+            UserError: for an unknown or invalid setting, or a changed setting on an optimizer
+                that is already built (its scale and counters exist and compiled steps may
+                hold the old values): set it when creating the optimizer instead.
+
+        Example:
+        >>> opt = LossScaleOptimizer(keras.optimizers.SGD()).update_settings(hysteresis=2)
+        >>> opt.hysteresis
+        2
+        """
+        settings = dict(settings)
+        if "dynamic_growth_steps" in settings:
+            settings["growth_interval"] = _one_growth_interval(
+                settings.get("growth_interval"), settings.pop("dynamic_growth_steps"))
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise UserError(
+                f"LossScaleOptimizer: unknown setting {unknown[0]!r}. Received: "
+                f"{unknown[0]}={settings[unknown[0]]!r}. Use one of: {', '.join(SETTINGS)}.")
+        current = {key: getattr(self, key) for key in SETTINGS}
+        changed = {k: v for k, v in settings.items() if v != current[k]}
+        if changed and self.built:
+            key = next(iter(changed))
+            raise UserError(
+                f"LossScaleOptimizer: {key} cannot change once the optimizer is built (it holds "
+                f"a scale and counters). Received: {key}={changed[key]!r}, the optimizer has "
+                f"{key}={current[key]!r}. Set it when creating the optimizer, or use a new one.")
+        for key, value in _validated(**{**current, **changed}).items():
+            setattr(self, key, value)
+        return self
+
+    @property
+    def growth_interval(self) -> int:
+        """Consecutive finite steps before the scale grows: Keras's `dynamic_growth_steps`
+        under kmp's (and torch's) name; the two are one setting."""
+        return self.dynamic_growth_steps
+
+    @growth_interval.setter
+    def growth_interval(self, value):
+        _check("growth_interval", value, _is_int(value) and value >= 1, "an int >= 1")
+        self.dynamic_growth_steps = int(value)
 
     @no_automatic_dependency_tracking
     def build(self, var_list):
@@ -175,29 +262,29 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         keras.optimizers.Optimizer.build(self, var_list)
 
     # ----------------------------------------------------------------- the step
-    # Both paths leave the state after the step in `_step_state` (tensors of the step being
-    # run), which kmp.callbacks.ScalerMetrics moves into fit's logs in the same step: on JAX the
-    # variables themselves are current only after fit syncs its state.
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         """`apply` as a pure function of the values (Keras's JAX trainer calls this): returns
         (new trainable values, new optimizer values); a skipped step returns the weights and
-        the inner optimizer's values unchanged."""
+        the inner optimizer's values unchanged. Leaves the step's state for
+        `take_step_state`."""
         if not self.built:
             raise ValueError("kmp.LossScaleOptimizer.stateless_apply needs a built optimizer: "
                              "call optimizer.build(trainable_variables) first.")
-        weights, state, self._step_state = self._stateless_step(optimizer_variables, grads,
-                                                                trainable_variables)
+        weights, state, step_state = self._stateless_step(optimizer_variables, grads,
+                                                          trainable_variables)
+        self._leave_step_state(step_state)
         return weights, state
 
     def _stateless_step(self, optimizer_variables, grads, trainable_variables):
         """stateless_apply's work, a pure function: (weights, optimizer values, step state)."""
-        own = len(self._variables)
+        own_variables, built_for = optimizer_own_variables(self), optimizer_built_for(self)
+        own = len(own_variables)
         own_values, inner_values = list(optimizer_variables[:own]), optimizer_variables[own:]
         grads, trainable_variables = list(grads), list(trainable_variables)
-        with keras.StatelessScope(state_mapping=list(zip(self._variables, own_values))) as scope:
-            flags = self._nonfinite_flags(grads, self._trainable_variables)
+        with keras.StatelessScope(state_mapping=list(zip(own_variables, own_values))) as scope:
+            flags = self._nonfinite_flags(grads, built_for)
             finite = ops.equal(ops.sum(flags), 0)
-            unscaled = self._unscaled(grads, self._trainable_variables)
+            unscaled = self._unscaled(grads, built_for)
 
             def step():
                 return self.inner_optimizer.stateless_apply(inner_values, unscaled,
@@ -206,9 +293,9 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             new_weights, new_inner = ops.cond(
                 finite, step, lambda: (trainable_variables, list(inner_values)))
             self._update_state(finite, flags, self._local_grad_norm(grads))
-            new_own = [scope.get_current_value(v) for v in self._variables]
+            new_own = [scope.get_current_value(v) for v in own_variables]
         new_own = [old if new is None else new for new, old in zip(new_own, own_values)]
-        index = {id(v): i for i, v in enumerate(self._variables)}
+        index = {id(v): i for i, v in enumerate(own_variables)}
         step_state = {key: new_own[index[id(getattr(self, name))]]
                       for key, name in STATE_VARIABLES.items()}
         return list(new_weights), new_own + list(new_inner), step_state
@@ -220,36 +307,72 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             self.built = True
         tvs = list(trainable_variables) if trainable_variables is not None else None
         grads = list(grads)
-        flags = self._nonfinite_flags(grads, tvs or self._trainable_variables)
+        flags = self._nonfinite_flags(grads, tvs or optimizer_built_for(self))
         backends.apply_scaled(self, flags, grads, tvs)
-        self._step_state = {key: getattr(self, name).value
-                            for key, name in STATE_VARIABLES.items()}
+        self._leave_step_state({key: getattr(self, name).value
+                                for key, name in STATE_VARIABLES.items()})
         # Eagerly, enforce the budget here. Inside a compiled step a host check would cost a sync
         # per step (and XLA has no string ops): `kmp.callbacks.PrecisionMonitor` enforces it
         # from fit's logs instead.
         if not backends.in_compiled_function(flags):
             self.check_skip_budget()
 
+    # The handoff of each step's scaler state to fit's logs, in the open. Writer: `apply` and
+    # `stateless_apply`, once per step, inside the traced train step. Reader:
+    # `kmp.callbacks.ScalerMetrics.result()`, later in the same traced step (Keras computes the
+    # metrics after the optimizer step), which copies the tensors into its own variables. Why
+    # not read the variables: on JAX, fit holds the optimizer's values outside the variables
+    # until it syncs (at the end of the epoch), so only the step's own tensors are current.
+    def _leave_step_state(self, step_state):
+        # Kept in __dict__: a tracked attribute would make the step's tensors optimizer state.
+        self.__dict__["_step_state"] = step_state
+
+    def take_step_state(self) -> dict | None:
+        """Returns the scaler state the last step left, and forgets it; None if no step ran
+        since the last call.
+
+        `apply` and `stateless_apply` leave, once per step, the state after that step as
+        tensors of the traced train step: a dict with the keys of `state()` (`loss_scale`,
+        `step_counter`, `hysteresis_left`, `skipped_steps`, `consecutive_skips`,
+        `grad_norm`). `kmp.callbacks.ScalerMetrics`, which `kmp.compile` attaches to the
+        model, takes it in the same train step and carries it into fit's logs. The tensors
+        belong to the step that made them: use them in that step (a metric's `result`), not
+        after it; between steps, read `state()`. On JAX, fit keeps the optimizer's values
+        outside its variables until it syncs, so these tensors are the only current copy
+        inside a step.
+
+        Returns:
+            A dict of scalar tensors, or None.
+
+        Example:
+        >>> w = keras.Variable([1.0, 2.0])
+        >>> opt = LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=8.0)
+        >>> opt.apply([keras.ops.ones(2) * 8.0], [w])
+        >>> sorted(opt.take_step_state())[:2], opt.take_step_state()
+        (['consecutive_skips', 'grad_norm'], None)
+        """
+        return self.__dict__.pop("_step_state", None)
+
     def _assign_stateless(self, grads, tvs):
         """A stateful step as the pure step, compiled once, then assigned (JAX)."""
         order = {id(v): i for i, v in enumerate(tvs)}
         ordered = [grads[order[id(v)]] if id(v) in order else None
-                   for v in self._trainable_variables]
+                   for v in optimizer_built_for(self)]
         if "_compiled_step" not in self.__dict__:
             self.__dict__["_compiled_step"] = backends.jit(self._stateless_step)
         weights, state, _ = self._compiled_step(
             [v.value for v in self.variables], ordered,
-            [v.value for v in self._trainable_variables])
-        for v, value in zip(self._trainable_variables + self.variables, weights + state):
+            [v.value for v in optimizer_built_for(self)])
+        for v, value in zip(optimizer_built_for(self) + self.variables, weights + state):
             v.assign(value)
 
     def _nonfinite_flags(self, grads, tvs):
         """int32 vector over the built variables: 1 where that gradient has an inf or NaN."""
-        slots = [ops.zeros((), "int32")] * len(self._trainable_variables)
+        slots = [ops.zeros((), "int32")] * len(optimizer_built_for(self))
         for g, v in zip(grads, tvs):
             if g is not None:
                 bad = ops.logical_not(ops.all(ops.isfinite(g)))
-                slots[self._get_variable_index(v)] = ops.cast(bad, "int32")
+                slots[optimizer_variable_index(self, v)] = ops.cast(bad, "int32")
         return ops.stack(slots)
 
     def _local_grad_norm(self, grads):
@@ -260,12 +383,12 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def _unscaled(self, grads, variables):
         scale = self.dynamic_scale.value
         return [
-            g if g is None or self._overwrite_variable_with_gradient(v) else ops.divide(g, scale)
+            g if g is None or overwrites_with_gradient(self, v) else ops.divide(g, scale)
             for g, v in zip(grads, variables)
         ]
 
     def _apply_finite(self, grads, tvs):
-        unscaled = self._unscaled(grads, tvs or self._trainable_variables)
+        unscaled = self._unscaled(grads, tvs or optimizer_built_for(self))
         self.inner_optimizer.apply(unscaled, trainable_variables=tvs)
 
     def _apply_and_update(self, flags, grad_norm, grads, tvs):
@@ -309,7 +432,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         if not self.built:
             return []
         counts = ops.convert_to_numpy(self.nonfinite_counts)
-        return [v.path for v, c in zip(self._trainable_variables, counts) if c > 0]
+        return [v.path for v, c in zip(optimizer_built_for(self), counts) if c > 0]
 
     def overflow_summary(self, limit: int = 6) -> str:
         """`overflow_variables` for one line: the first `limit` paths and how many more."""
@@ -318,7 +441,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             return "(none recorded)"
         text = ", ".join(names[:limit]) + (
             f" and {len(names) - limit} more" if len(names) > limit else "")
-        if len(names) > limit and len(names) == len(self._trainable_variables):
+        if len(names) > limit and len(names) == len(optimizer_built_for(self)):
             return f"all {len(names)} trainable variables ({text})"
         return text
 
@@ -351,11 +474,10 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             )
 
     def get_config(self):
+        """Keras's LossScaleOptimizer config (`name`, `inner_optimizer`, `initial_scale`,
+        `dynamic_growth_steps`) and kmp's settings beside it; `from_config` takes both."""
         return {
-            "name": self.name,
-            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
-            "initial_scale": self.initial_scale,
-            "growth_interval": self.growth_interval,
+            **super().get_config(),
             "growth_factor": self.growth_factor,
             "backoff_factor": self.backoff_factor,
             "hysteresis": self.hysteresis,

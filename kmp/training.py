@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import keras
 
-from kmp._keras import flatten_layers, tracking_unlocked
-from kmp.callbacks import ScalerMetrics
+from kmp._keras import flatten_layers, replace_loss_tracker, tracking_unlocked
+from kmp.callbacks import LossTracker, ScalerMetrics
 from kmp.errors import UserError
 from kmp.layers import harden
 from kmp.policy import POLICIES
@@ -18,9 +18,13 @@ def _computes_in_float16(model) -> bool:
 
 
 def _scaler(optimizer, loss_scale: dict | None) -> LossScaleOptimizer:
-    """kmp's LossScaleOptimizer around `optimizer`; a Keras LossScaleOptimizer's initial scale
-    and growth steps carry over (`loss_scale` overrides them)."""
-    settings, given = {}, dict(loss_scale or {})
+    """kmp's LossScaleOptimizer for `optimizer` with the `loss_scale` settings: kmp's own is
+    kept and given them (`LossScaleOptimizer.update_settings`); a Keras LossScaleOptimizer's
+    initial scale and growth steps carry over (`loss_scale` overrides them)."""
+    given = dict(loss_scale or {})
+    if isinstance(optimizer, LossScaleOptimizer):
+        return optimizer.update_settings(**given)
+    settings = {}
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         settings = {"initial_scale": optimizer.initial_scale,
                     "growth_interval": optimizer.dynamic_growth_steps}
@@ -48,9 +52,12 @@ def compile(  # noqa: A001 - mirrors keras.Model.compile on purpose
     float16 (a mixed_float16 or float16 policy, or a DTypePolicyMap that has one: keras'
     own compile wraps only for a global mixed_float16; a Keras LossScaleOptimizer given here
     keeps its initial scale and growth steps), picks `jit_compile` from the plan for the
-    model's policy, puts FP32 islands in (`kmp.harden`), and adds the loss scale, skipped steps,
-    consecutive skips and gradient norm to fit's logs. Pass `kmp.callbacks.PrecisionMonitor()`
-    to fit to record overflow events and enforce the skip budget.
+    model's policy, puts FP32 islands in (`kmp.harden`), and adds to fit's logs each step's own
+    loss (`batch_loss`, beside Keras's running mean `loss`: `kmp.callbacks.LossTracker`) and,
+    with loss scaling, the loss scale, skipped steps, consecutive skips and gradient norm (so
+    `evaluate` returns a list, or a dict with `return_dict=True`). Pass
+    `kmp.callbacks.PrecisionMonitor()` to fit to record overflow events and enforce the skip
+    budget.
 
     Args:
         model: keras.Model. The model to compile.
@@ -59,14 +66,23 @@ def compile(  # noqa: A001 - mirrors keras.Model.compile on purpose
         metrics: metrics for `model.compile`. Defaults to None.
         jit_compile: bool or None. None takes the plan's recommendation for the model's policy
             on this hardware. Defaults to None.
-        islands: bool. Apply `kmp.harden(model)`. Defaults to True.
-        float32_residual: bool. Passed to `kmp.harden`. Defaults to False.
-        loss_scale: dict or None. Keyword arguments for `kmp.LossScaleOptimizer` (e.g.
-            `{"hysteresis": 2}`). Defaults to None.
+        islands: bool. Put the float32 attention islands in (`kmp.harden`). Defaults to True.
+        float32_residual: bool. Make a keras-hub GPT-2 style backbone's residual stream
+            float32 (`kmp.harden(float32_residual=True)`), with or without `islands`.
+            Defaults to False.
+        loss_scale: dict or None. Settings for `kmp.LossScaleOptimizer` (e.g.
+            `{"hysteresis": 2}`): for the one kmp.compile creates, or applied to a
+            kmp.LossScaleOptimizer given as `optimizer` before its first step
+            (`update_settings`). Defaults to None.
         **compile_kwargs: Anything else `keras.Model.compile` takes.
 
     Returns:
         The optimizer the model was compiled with.
+
+    Raises:
+        UserError: if `loss_scale` is given but no layer computes in float16, names an unknown
+            or invalid setting, or would change a kmp.LossScaleOptimizer that has already
+            been built.
 
     Example:
     >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
@@ -76,9 +92,9 @@ def compile(  # noqa: A001 - mirrors keras.Model.compile on purpose
     """
     optimizer = keras.optimizers.get(optimizer)
     if islands or float32_residual:
-        harden(model, float32_residual=float32_residual)
+        harden(model, float32_residual=float32_residual, attention=islands)
     needs_scaling = _computes_in_float16(model)
-    if needs_scaling and not isinstance(optimizer, LossScaleOptimizer):
+    if needs_scaling:
         optimizer = _scaler(optimizer, loss_scale)
     elif loss_scale and not needs_scaling:
         raise UserError(
@@ -90,6 +106,7 @@ def compile(  # noqa: A001 - mirrors keras.Model.compile on purpose
         jit_compile = make_plan(name if name in POLICIES else "auto").jit_compile
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile,
                   **compile_kwargs)
+    replace_loss_tracker(model, LossTracker())  # each step's own loss as `batch_loss`
     if isinstance(optimizer, LossScaleOptimizer):
         with tracking_unlocked(model):
             model._kmp_scaler_metrics = ScalerMetrics(optimizer)

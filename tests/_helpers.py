@@ -4,8 +4,13 @@ arrays of a checkpoint file, and a directory's contents."""
 import hashlib
 
 import keras
+import pytest
 
 from kmp import backends
+
+# Where the `reliability` fixture puts its rows (test id, fault, outcome) when
+# docs/reliability.py runs the tests.
+RELIABILITY_ROWS = pytest.StashKey[list]()
 
 
 class _Holder(keras.layers.Layer):

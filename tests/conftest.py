@@ -6,7 +6,6 @@ use tf.distribute or other TensorFlow-only API and run only under TensorFlow.
 """
 
 import os
-import re
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -17,6 +16,7 @@ if BACKEND == "jax":  # two CPU devices for keras.distribution tests
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+from _helpers import RELIABILITY_ROWS  # noqa: E402
 
 if BACKEND == "tensorflow":
     import tensorflow as tf
@@ -32,18 +32,15 @@ collect_ignore_glob = ["data/*.py"]
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
-    parser.addoption("--reliability-doc", metavar="PATH",
-                     help="write the faults and bad inputs the tests tried, and what happened, "
-                     "as a Markdown table to PATH (docs/reliability.md)")
-
-
-_RELIABILITY = []  # (test id, fault or input, what happened), in test order
 
 
 @pytest.fixture
 def reliability(request):
-    """Call with (fault, outcome) once the test has checked the outcome."""
-    return lambda fault, outcome: _RELIABILITY.append((request.node.nodeid, fault, outcome))
+    """Call with (fault, outcome) once the test has checked the outcome: a row of
+    docs/reliability.md when docs/reliability.py runs the tests (a no-op otherwise)."""
+    rows = request.config.stash.get(RELIABILITY_ROWS, None)
+    return lambda fault, outcome: (rows.append((request.node.nodeid, fault, outcome))
+                                   if rows is not None else None)
 
 
 MICRO = dict(vocab_size=512, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
@@ -82,23 +79,6 @@ def fake_hardware(monkeypatch):
     yield fake
     monkeypatch.delenv("KMP_FAKE_HARDWARE", raising=False)
     detect.cache_clear()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    path = session.config.getoption("--reliability-doc")
-    if not path or not _RELIABILITY:
-        return
-    head = Path(path).read_text().split("<!-- table -->")[0] if Path(path).exists() else ""
-    lines = [head + "<!-- table -->", "", "| fault or bad input | what happened | test |",
-             "|---|---|---|"]
-
-    def cell(text):
-        text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+", "<tmp>", text)
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    for nodeid, fault, outcome in _RELIABILITY:
-        lines.append(f"| {cell(fault)} | {cell(outcome)} | `{nodeid.split('::')[-1]}` |")
-    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def pytest_collection_modifyitems(config, items):

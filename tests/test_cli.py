@@ -1,7 +1,9 @@
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,9 @@ from kmp.cli import main
 
 
 def run(*args, env=None):
-    env = {**os.environ, **(env or {})}
-    env.pop("KERAS_BACKEND", None)  # the command's own default or --backend decides
+    # The command's own default or --backend decides, not this machine's ~/.keras/keras.json.
+    env = {**os.environ, "KERAS_HOME": tempfile.mkdtemp(), **(env or {})}
+    env.pop("KERAS_BACKEND", None)
     return subprocess.run([sys.executable, "-m", "kmp.cli", *args], capture_output=True,
                           text=True, timeout=300, env=env)
 
@@ -31,6 +34,54 @@ def test_backend_option_picks_the_keras_backend(backend):
     out = run("--backend", backend, "doctor")
     assert out.returncode == 0, out.stderr
     assert f"backend {backend}" in out.stdout and f"{backend} " in out.stdout
+
+
+def test_without_backend_option_kmp_follows_keras_own_setting(tmp_path, monkeypatch):
+    """$KERAS_BACKEND, else keras.json's "backend" ($KERAS_HOME, else ~/.keras), else
+    tensorflow: what Keras itself would pick."""
+    home = tmp_path / "home"
+    (home / ".keras").mkdir(parents=True)
+    (home / ".keras" / "keras.json").write_text('{"backend": "torch"}')
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("KERAS_HOME", raising=False)
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert cli.backend_setting() == ("torch", str(home / ".keras" / "keras.json"))
+    (tmp_path / "keras.json").write_text('{"backend": "jax", "floatx": "float32"}')
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert cli.backend_setting() == ("jax", str(tmp_path / "keras.json"))
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    assert cli.backend_setting() == ("torch", "$KERAS_BACKEND")
+    assert cli.backend_setting("tensorflow") == ("tensorflow", "--backend")
+    monkeypatch.delenv("KERAS_BACKEND")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
+    assert cli.backend_setting() == ("tensorflow", "the default")
+
+    out = run("doctor", env={"KERAS_HOME": str(tmp_path)})  # keras.json says jax
+    assert out.returncode == 0, out.stderr
+    assert "backend jax" in out.stdout
+
+
+def test_a_backend_kmp_cannot_run_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "keras.json").write_text('{"backend": "numpy"}')
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    monkeypatch.delitem(sys.modules, "keras")  # as in a fresh process: nothing chosen yet
+    with pytest.raises(cli.UserError, match=r"Unknown Keras backend 'numpy' \(from .*keras"
+                       r"\.json\)\. kmp runs on tensorflow, jax, torch"):
+        cli._set_backend(["memory"])
+
+
+@pytest.mark.parametrize("backend, says", [("jax", 'needs JAX: pip install "kmp[jax]"'),
+                                           ("torch", 'needs PyTorch: pip install "kmp[torch]"')])
+def test_a_backend_that_is_not_installed_says_how_to_install_it(backend, says, monkeypatch,
+                                                                capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == backend else real(name, *a))
+    assert main(["--backend", backend, "doctor"]) == 2
+    assert capsys.readouterr().err == f"kmp: error: the {backend} backend {says}\n"
 
 
 NO_TENSORFLOW = """
@@ -89,10 +140,10 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     err = capsys.readouterr().err
     assert err == "kmp: error: --steps: steps must be a positive integer. Received: steps=0\n"
 
-    def broken(args, rest):
+    def broken(argv):
         raise ValueError("an internal mistake, not the user's")
 
-    monkeypatch.setattr(cli, "_memory", broken)
+    monkeypatch.setattr("kmp.gpt.memory.main", broken)
     with pytest.raises(ValueError, match="internal mistake"):
         main(["memory"])
     assert "this is a bug in kmp" in capsys.readouterr().err
@@ -129,6 +180,8 @@ BENCH = ["--corpus", str(Path(__file__).parent / "data" / "corpus.txt"), "--voca
 def test_bench_runs_every_policy_and_writes_reports(tmp_path, capsys):
     import json
 
+    from kmp import backends
+
     rc = main(["bench", *BENCH, "--policies", "float32,mixed_bfloat16,auto", "--xla", "off",
                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)])
     assert rc == 0
@@ -136,11 +189,24 @@ def test_bench_runs_every_policy_and_writes_reports(tmp_path, capsys):
     runs = {r["run"]: r for r in report["runs"]}
     assert set(runs) == {"float32, XLA off", "mixed_bfloat16, XLA off"} | {
         name for name in runs if name.startswith("auto = ")}
-    assert runs["float32, XLA off"]["ratio"] == 1.0
+    tokens = report["config"]["batch_size"] * report["config"]["seq_len"]
     for r in runs.values():
-        assert r["median_step_ms"] > 0 and r["tokens_per_sec"] > 0
+        # Each figure follows from the per-chunk step times recorded beside it.
+        assert len(r["step_ms"]) == 2  # --repeats
+        assert r["median_step_ms"] == pytest.approx(statistics.median(r["step_ms"]))
+        assert r["tokens_per_sec"] == pytest.approx(tokens * 1000 / r["median_step_ms"])
+        base = runs.get(f"float32, XLA {'on' if r['xla'] else 'off'}")
+        if base is None:  # auto chose XLA on: no float32 run to compare with
+            assert r["ratio"] is None
+        else:
+            assert r["ratio"] == pytest.approx(base["median_step_ms"] / r["median_step_ms"])
         assert 0 < r["final_loss"] < r["first_loss"]  # real training steps
-    assert "| run | median step (ms) |" in (tmp_path / "bench.md").read_text()
+        if backends.gpu_memory() is None:  # a CPU has no per-run peak to give: none is shown
+            assert r["peak_memory_mib"] is None
+            assert r["memory_kind"].startswith("not measured on CPU")
+    md = (tmp_path / "bench.md").read_text()
+    assert "| run | median step (ms) |" in md
+    assert "final losses agree with float32's within 2%" in md
     assert main(["bench", "--xla", "maybe"]) == 2
     assert "Unknown --xla setting 'maybe'" in capsys.readouterr().err
 
@@ -153,8 +219,12 @@ def test_bench_overhead_compares_plain_keras_with_the_kmp_path(tmp_path):
     assert rc == 0
     runs = json.loads((tmp_path / "overhead.json").read_text())["runs"]
     assert [r["run"].split(":")[0] for r in runs] == ["plain Keras", "kmp"]
-    assert runs[0]["ratio"] == 1.0 and runs[1]["ratio"] > 0
-    assert "vs plain Keras" in (tmp_path / "overhead.md").read_text()
+    keras_ms, kmp_ms = (statistics.median(r["step_ms"]) for r in runs)
+    assert runs[1]["ratio"] == pytest.approx(keras_ms / kmp_ms)  # kmp's tokens/s over Keras's
+    md = (tmp_path / "overhead.md").read_text()
+    assert "vs plain Keras" in md
+    # No float32 run here: the losses are checked against plain Keras's, and it says so.
+    assert "final losses agree with plain Keras's within 2%" in md and "float32" not in md
 
 
 def test_bench_takes_turns_between_backends(tmp_path, capsys):
@@ -163,8 +233,49 @@ def test_bench_takes_turns_between_backends(tmp_path, capsys):
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
     assert main(args) == 0
     rows = json.loads((tmp_path / "backends.json").read_text())
-    assert [r["backend"] for r in rows] == ["jax", "torch"] and rows[0]["ratio"] == 1.0
-    assert all(len(r["tokens_per_sec"]) == 1 and r["median_tokens_per_sec"] > 0 for r in rows)
+    assert [r["backend"] for r in rows] == ["jax", "torch"]
+    for row in rows:  # each figure is the turn's own bench.json, and the ratio its median's
+        turn = json.loads((tmp_path / f"turn-0-{row['backend']}" / "bench.json").read_text())
+        assert row["tokens_per_sec"] == [turn["runs"][0]["tokens_per_sec"]]
+        assert row["median_tokens_per_sec"] == statistics.median(row["tokens_per_sec"])
+        assert row["ratio"] == pytest.approx(row["median_tokens_per_sec"]
+                                             / rows[0]["median_tokens_per_sec"])
     assert "| jax: float32, XLA on |" in capsys.readouterr().out
     assert main(["bench", "--backends", "numpy"]) == 2
     assert "Unknown backend run 'numpy'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["chunk", "repeats", "warmup", "rounds"])
+def test_bench_counts_must_be_positive(name, tmp_path, capsys):
+    assert main(["bench", f"--{name}", "0", "--backends", "jax", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"kmp: error: --{name}: {name} must be a positive "
+                                       f"integer. Received: {name}=0\n")
+
+
+def test_bench_loss_line_says_what_it_compared_with():
+    from kmp.gpt.bench import Run, loss_summary
+
+    def ran(policy, final, path="kmp"):
+        return Run(f"{policy} ({path})", policy, False, path=path, first_loss=5.0,
+                   final_loss=final)
+
+    alone = loss_summary([ran("mixed_bfloat16", 4.0), ran("mixed_float16", 4.01)])
+    assert "float32's" not in alone and "no float32 or plain Keras run" in alone
+    assert "agree with float32's within 2%" in loss_summary([ran("float32", 4.0),
+                                                              ran("mixed_bfloat16", 4.05)])
+    off = loss_summary([ran("float32", 4.0), ran("mixed_bfloat16", 4.5), ran("float32", 3.0,
+                                                                             "torch")])
+    assert off == ("warning: mixed_bfloat16 (kmp): final loss 4.5000 is 12.5% from float32's "
+                   "4.0000 (tolerance 2%)")  # the peer is not a reference
+
+
+def test_diagnosis_of_a_trained_run(micro_run, capsys):
+    """A run is diagnosed under the policy it trained with, or the --precision asked for."""
+    assert main(["audit", "--run", str(micro_run)]) == 0
+    assert f"kmp audit: {micro_run} (trained), mixed_bfloat16, 2 layers" in capsys.readouterr().out
+    assert main(["audit", "--run", str(micro_run), "--precision", "mixed_float16"]) == 0
+    out = capsys.readouterr().out
+    assert f"kmp audit: {micro_run} (trained), mixed_float16, 2 layers" in out
+    assert main(["audit", "--run", str(micro_run), "--seq-len", "100000"]) == 2
+    assert capsys.readouterr().err.startswith("kmp: error: --seq-len: 100000 is longer than "
+                                              "the model's maximum")

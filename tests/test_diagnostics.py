@@ -197,7 +197,7 @@ def test_parity_check_flags_a_planted_cancellation_and_nothing_else():
 def test_diagnosis_commands_run_on_a_gpt_and_a_corpus_batch(tmp_path, capsys):
     from kmp.cli import main
 
-    common = ["--corpus", "tests/data/corpus.txt", "--vocab-size", "256", "--num-layers", "1",
+    common = ["--corpus", "tests/data/corpus.txt", "--vocab-size", "320", "--num-layers", "1",
               "--hidden-dim", "32", "--num-heads", "2", "--intermediate-dim", "64",
               "--seq-len", "32", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"),
               "--precision", "mixed_float16", "--out", str(tmp_path)]

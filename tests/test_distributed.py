@@ -52,7 +52,7 @@ def test_two_processes_train_like_one_and_a_killed_run_resumes_on_one(tmp_path, 
     launcher = subprocess.Popen(_kmp(*cache, "--processes", "2", "--out", str(two)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (two / "checkpoints" / "step-0000008.weights.h5").exists():
+    while not (two / "checkpoints" / "batch-00000008.weights.h5").exists():
         assert launcher.poll() is None and time.time() < deadline, launcher.stderr.read()
         time.sleep(0.05)
     worker = _worker(launcher.pid, 1)
@@ -145,7 +145,41 @@ def test_bad_process_counts_are_one_line(capsys):
     assert main(["pretrain", *MICRO, "--processes", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "processes must be >= 1. Received: 0" in err[0]
-    assert "--batch-size 8 does not split over 3 processes" in err[1]
+    assert "--batch-size: batch_size 8 (the global batch) does not split over 3" in err[1]
+
+
+def test_checks_come_before_any_worker_starts(tmp_path, capsys):
+    # A resume that cannot work is refused by the launcher: no worker starts (no logs/).
+    out = tmp_path / "run"
+    assert main(["pretrain", *MICRO, "--processes", "2", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a kmp pretrain run" in err and err.count("\n") == 1
+    assert not (out / "logs").exists() and not (out / "config.json").exists()
+
+
+WORKER = """
+import sys
+from kmp import distributed
+from kmp.errors import TrainingStopped, UserError
+with distributed.reporting():
+    if sys.argv[1] == "user":
+        raise UserError("Fault inf@5:3: there are 2 worker(s), 0 .. 1.", field="inject_fault")
+    raise TrainingStopped("recovery gave up at step 9 after 4 attempts")
+"""
+
+
+@pytest.mark.parametrize("kind", ["user", "stopped"])
+def test_a_workers_user_error_or_stopped_run_is_reported_as_such(kind):
+    # Not as a crash with "Resume with: ... --resume": resuming would meet it again.
+    from kmp import distributed
+    from kmp.errors import TrainingStopped, UserError
+
+    expected = UserError if kind == "user" else TrainingStopped
+    with pytest.raises(expected) as caught:
+        distributed.launch([sys.executable, "-c", WORKER, kind], 2, "kmp ... --resume")
+    assert "Resume with" not in str(caught.value)
+    if kind == "user":
+        assert caught.value.field == "inject_fault" and "0 .. 1" in str(caught.value)
 
 
 @pytest.mark.backends

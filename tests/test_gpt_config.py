@@ -31,7 +31,8 @@ def test_gpt2_124m_is_gpt2_small():
 
 def test_every_field_overrides_from_the_command_line():
     cfg = parse("--preset", "small", "--steps", "7", "--batch-size", "3", "--precision",
-                "float32", "--no-jit", "--learning-rate", "0.5", "--out", "x", "--resume")
+                "float32", "--no-jit", "--learning-rate", "0.5", "--out", "x", "--resume",
+                "--warmup-steps", "2")
     assert (cfg.preset, cfg.steps, cfg.batch_size, cfg.precision) == ("small", 7, 3, "float32")
     assert (cfg.jit, cfg.learning_rate, cfg.out, cfg.resume) == (False, 0.5, "x", True)
     assert cfg.num_layers == preset("small").num_layers  # untouched fields keep the preset's
@@ -53,6 +54,12 @@ def test_config_round_trips_through_json():
         ({"strategy": "tpu"}, "Unknown strategy 'tpu'"),
         ({"dropout": 1.0}, "dropout must be in"),
         ({"bogus": 1}, "Unknown config field"),
+        ({"learning_rate": -1e-3}, "learning_rate must be a finite number > 0"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+        ({"grad_clip": float("inf")}, "grad_clip must be a finite number >= 0"),
+        ({"warmup_steps": 700, "steps": 600}, "warmup_steps must be an integer from 0 to"),
+        ({"seed": -1}, "seed must be an integer >= 0. Received: seed=-1"),
     ],
 )
 def test_bad_values_are_one_line_errors(overrides, message):
@@ -80,16 +87,28 @@ def test_param_count_matches_the_built_model():
                                            + 12 * 12 * 768 * 1024)
 
 
-def test_eval_interval_divides_steps():
-    import pytest
+def test_intervals_divide_the_steps_left():
+    assert preset("tiny", steps=600, val_every=100).intervals() == (100, 6)
+    assert preset("tiny", steps=250, val_every=100).intervals() == (50, 5)
+    assert preset("tiny", steps=30, val_every=100).intervals() == (30, 1)
+    # A resumed run: the steps left after the checkpoint, whatever the old interval was.
+    assert preset("tiny", steps=250, val_every=100).intervals(done=100) == (75, 2)
+    assert preset("tiny", steps=8, val_every=2).intervals(done=4) == (2, 2)
+    with pytest.raises(ValueError, match="already trained 8 steps"):
+        preset("tiny", steps=8, val_every=4).intervals(done=8)
+    with pytest.raises(ValueError, match="the 101 steps left after step 100 has no divisor"):
+        preset("tiny", steps=201, val_every=100).intervals(done=100)
 
-    import kmp.gpt as gpt
 
-    assert gpt.preset("tiny", steps=600, val_every=100).eval_interval == 100
-    assert gpt.preset("tiny", steps=250, val_every=100).eval_interval == 50
-    assert gpt.preset("tiny", steps=30, val_every=100).eval_interval == 30
-    with pytest.raises(ValueError, match="multiple of val_every"):
-        gpt.preset("tiny", steps=101, val_every=100).eval_interval  # noqa: B018
+def test_a_saved_config_with_unknown_fields_loads_with_a_warning():
+    from kmp.gpt.config import from_json
+
+    data = {**json.loads(preset("tiny", steps=20, val_every=10).to_json()), "future_knob": 3}
+    with pytest.warns(UserWarning, match="future_knob"):
+        config = from_json(data)
+    assert config.steps == 20
+    with pytest.raises(TypeError):  # what GPTConfig(**json) did
+        GPTConfig(**data)
 
 
 def test_logits_dtype_follows_the_config():
@@ -119,3 +138,16 @@ def test_every_option_has_help_from_the_docstring():
         assert len(helps[f.name]) > len(" (default: the preset's)") + 3, f.name
     assert helps["num_heads"].startswith("int. Attention heads per block.")
     assert "largest divisor" in helps["val_every"]
+
+
+def test_reading_a_config_loads_neither_keras_nor_a_recipe_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from kmp.gpt.config import preset, from_json; preset('small'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'keras' "
+            "or m in ('kmp.faults', 'kmp.recovery', 'kmp.gpt.model')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -1,8 +1,14 @@
 """Corpus, tokenizer, token cache and windows of the GPT recipe."""
 
+import io
+import json
+import sys
+import tracemalloc
+
 import numpy as np
 import pytest
 
+from kmp.errors import UserError
 from kmp.gpt import data
 
 pytestmark = pytest.mark.backends
@@ -38,8 +44,9 @@ def test_missing_and_empty_corpus_are_clear_errors(tmp_path):
 def test_undecodable_files_are_skipped_and_counted(tmp_path):
     (tmp_path / "a.py").write_text("def f(x):\n    return x + 1\n" * 400)
     (tmp_path / "b.dat").write_bytes(b"\xff\xfe\x00\x81" * 100)
-    docs, skipped = data.read_documents(data.corpus_files(str(tmp_path)))
-    assert len(docs) == 1 and skipped == 1
+    (tmp_path / "c.txt").write_text("\n  \n")  # only whitespace: not a document, not skipped
+    files, skipped, characters = data.text_files(data.corpus_files(str(tmp_path)))
+    assert [f.name for f in files] == ["a.py"] and skipped == 1 and characters == 27 * 400
 
 
 def test_token_cache_is_built_once_and_reused(cache, tmp_path_factory, capsys):
@@ -116,3 +123,124 @@ def test_padding_id_is_not_the_end_token(cache):
     tok = cache.tokenizer()
     assert tok.id_to_token(0) == data.PAD and tok.end_token_id == tok.token_to_id(data.EOT) != 0
     assert 0 not in np.asarray(cache.train)
+
+
+def test_vocab_size_below_the_byte_level_minimum_is_a_user_error(cache, tmp_path):
+    # A byte-level BPE always has 256 byte tokens plus <|pad|> and <|endoftext|>: with
+    # vocab_size 256 its ids 256 and 257 would fall outside the embedding.
+    with pytest.raises(UserError, match="vocab_size 256 is below the minimum of 258") as e:
+        data.build_token_cache(CORPUS, 256, tmp_path, log=print)
+    assert e.value.field == "vocab_size" and data.MIN_VOCAB_SIZE == 258
+    # The cache reports its tokenizer's real size; every id is below it.
+    vocab = (cache.directory / "vocab.json").read_text()
+    assert cache.vocab_size == len(json.loads(vocab)) == 512
+    assert int(np.max(cache.train)) < cache.vocab_size
+    data.check_vocab(cache, 512)
+    with pytest.raises(UserError, match="has 512 tokens, more than vocab_size 448"):
+        data.check_vocab(cache, 448)
+
+
+def test_small_validation_split_across_processes_is_a_user_error(cache):
+    windows = (len(cache.val) - 1) // 32
+    batch = windows + windows % 2 + 2  # more windows per batch than the split has
+    with pytest.raises(UserError, match=f"{windows} windows .* fewer than one batch of {batch}"):
+        data.val_dataset(cache, 32, batch, 2, rows=slice(0, batch // 2))
+    # One process keeps the partial batch; a batch that fits is split as before.
+    assert len(data.val_dataset(cache, 32, batch, 2)) == 1
+    assert len(data.val_dataset(cache, 32, 4, 2, rows=slice(0, 2))[0][1]) == 2
+
+
+TRICKY = ("def f(x):\n    return x  \n\n\nclass A:  \n\tpass\n\n\n'll x\n x\n\u096c y\n"
+          "z\u096c\nyou're\n'sx\n  \n\u3000z\xa0\nw\r\nv\rq\n123456\n7890\n):\n(\n\u00e9t\u00e9\n"
+          "\u65e5\u672c\n\\\n!!\n")
+
+
+def test_pieces_tokenize_exactly_as_whole_files(cache, tmp_path):
+    """Text cut where `document_pieces` cuts gives the tokens (keras-hub, both its paths) and
+    the BPE training words (`tokenizers`' ByteLevel) of the whole text."""
+    import keras_hub
+    from tokenizers import pre_tokenizers
+
+    path = tmp_path / "tricky.txt"
+    path.write_text(TRICKY * 3, encoding="utf-8")
+    whole = path.read_text(encoding="utf-8")
+    pieces = list(data.document_pieces([path], chunk_chars=1))
+    assert len(pieces) > 20 and "".join(p for p, _ in pieces) == whole
+    assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
+    texts = [p for p, _ in pieces]
+    words = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str
+    assert [w for t in texts for w, _ in words(t)] == [w for w, _ in words(whole)]
+    vocab, merges = str(cache.directory / "vocab.json"), str(cache.directory / "merges.txt")
+    for python in (True, False):
+        tok = keras_hub.tokenizers.GPT2Tokenizer(vocabulary=vocab, merges=merges,
+                                                 _allow_python_workflow=python)
+        rows = tok([whole, *texts])
+        assert np.array_equal(np.concatenate([np.asarray(r) for r in rows[1:]]), rows[0])
+
+
+def test_cache_built_in_small_pieces_is_the_same_cache(cache, tmp_path):
+    small = data.build_token_cache(CORPUS, 512, tmp_path, log=print, chunk_chars=300)
+    assert len(list(data.document_pieces([data.Path(CORPUS)], 300))) > 10
+    for name in ("vocab.json", "merges.txt", "train.bin", "val.bin"):
+        assert (small.directory / name).read_bytes() == (cache.directory / name).read_bytes()
+    assert small.meta == cache.meta
+
+
+def test_tokenizing_memory_does_not_grow_with_the_corpus(cache, tmp_path, monkeypatch):
+    """Python's peak allocation while building the cache of a 1 M-character corpus, 64 Ki
+    characters at a time, stays under 4 MiB (about 2.3 MiB, the same for any corpus size);
+    holding every file's text and a list of every token id at once took 32 MiB here."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij_"), size=rng.integers(2, 9)))
+             for _ in range(300)]
+    for k in range(4):
+        lines = rng.choice(words, size=(5000, 8))
+        (tmp_path / f"f{k}.py").write_text("".join(" ".join(w) + " = 1\n" for w in lines))
+    monkeypatch.setattr(data, "CHUNK_CHARS", 1 << 16, raising=False)
+    tracemalloc.start()
+    try:
+        built = data.build_token_cache(str(tmp_path / "*.py"), 512, tmp_path / "c", log=print)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert built.meta["characters"] > 1_000_000 and built.meta["train_tokens"] > 400_000
+    assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_progress_is_one_line_per_stage_off_a_terminal(tmp_path, monkeypatch):
+    out = io.StringIO()  # not a TTY, like a log file or a pipe
+    monkeypatch.setattr(sys, "stdout", out)
+    data.build_token_cache(CORPUS, 320, tmp_path, log=print)
+    lines = out.getvalue().splitlines()
+    assert not any(c in out.getvalue() for c in "\r\b\x1b"), out.getvalue()
+    stages = ["corpus:", "tokenizer: training", "tokenizer: encoding 1 files", "token cache:"]
+    assert [line.split(" ...")[0][:len(s)] for line, s in zip(lines, stages)] == stages
+    assert len(lines) == 4
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    data.build_token_cache(CORPUS, 384, tmp_path, log=print)
+    assert "1/1" in sys.stdout.getvalue()  # keras's progress bar, on a terminal
+
+
+def test_a_failed_build_leaves_no_cache_and_is_redone(cache, tmp_path, monkeypatch):
+    load = data.load_tokenizer
+
+    class Killed:  # a tokenizer stopped mid-encoding, as a kill would stop it
+        def __init__(self, directory):
+            self.token_to_id = load(directory).token_to_id
+
+        def __call__(self, texts):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "load_tokenizer", Killed)
+    with pytest.raises(KeyboardInterrupt):
+        data.build_token_cache(CORPUS, 512, tmp_path, log=print)
+    (directory,) = tmp_path.iterdir()
+    assert sorted(p.name for p in directory.iterdir()) == ["merges.txt", "vocab.json"]
+    monkeypatch.undo()
+    again = data.build_token_cache(CORPUS, 512, tmp_path, log=print)
+    assert np.array_equal(again.train, cache.train) and again.meta == cache.meta

@@ -45,7 +45,7 @@ def test_bench_counts_a_models_resident_state_as_the_estimate_does():
     import keras
 
     import kmp
-    from kmp.gpt.bench import state_bytes
+    from kmp.gpt.memory import state_bytes
 
     config = gpt.preset("tiny", num_layers=3, vocab_size=1000)
     keras.config.set_dtype_policy("mixed_float16")

@@ -1,6 +1,8 @@
 """kmp.gpt's model: the next-token loss against Keras's sparse crossentropy (the float32
 reference), and saved models that compute what the trained ones did."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from _helpers import value_and_grads
 
 import kmp
 from kmp.gpt import NextTokenCrossentropy, build_model, lm_loss, load_model, preset
+from kmp.gpt.model import use_float8
 
 pytestmark = pytest.mark.backends
 REFERENCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -111,3 +114,98 @@ def test_saved_model_computes_what_the_trained_one_did(tmp_path, policy, logits,
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     assert loaded.backbone.logits_dtype == model.backbone.logits_dtype
     assert loaded.backbone.float32_residual == residual
+
+
+def _remat_model(remat, jit, dropout=0.0, float8=False):
+    """A float32 micro GPT with `remat`, compiled for SGD, seeded: the same weights each time."""
+    kmp.set_policy("float32")
+    keras.utils.set_random_seed(0)
+    config = preset("tiny", num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64,
+                    seq_len=16, vocab_size=128, remat=remat, dropout=dropout)
+    model = build_model(config)
+    if float8:
+        use_float8(model)
+    kmp.compile(model, keras.optimizers.SGD(0.1), lm_loss(), jit_compile=jit)
+    return model
+
+
+def _token_batches(count=3):
+    rng = np.random.default_rng(1)
+    tokens = [rng.integers(0, 128, (4, 16)).astype("int32") for _ in range(count)]
+    return [({"token_ids": t, "padding_mask": np.ones_like(t)}, t) for t in tokens]
+
+
+# XLA on and off; Keras's torch backend has no XLA (its jit_compile is torch.compile).
+REMAT_JITS = [False] if keras.backend.backend() == "torch" else [False, True]
+
+
+@pytest.mark.parametrize("jit", REMAT_JITS)
+@pytest.mark.parametrize("remat", ["blocks", "full"])
+def test_remat_trains_to_the_same_losses(remat, jit):
+    """Recomputing activations changes no number: the per-step losses of a few float32 SGD
+    steps equal those without remat (measured equal to 1e-7 relative or exactly)."""
+    batches = _token_batches()
+    got, want = ([model.train_on_batch(x, y, return_dict=True)["loss"] for x, y in batches]
+                 for model in (_remat_model(remat, jit), _remat_model("none", jit)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+
+
+def test_remat_recomputes_the_blocks():
+    """remat="blocks" is in the training step, not silently dropped: on JAX the step's jaxpr
+    holds one remat (jax.checkpoint) per block; on TensorFlow and torch each block's call runs
+    once more in a training step (the recomputation for the backward pass)."""
+    (x, y), = _token_batches(1)
+    counts = {}
+    for remat in ("none", "blocks"):
+        model = _remat_model(remat, jit=keras.backend.backend() == "jax")
+        calls = []
+        for block in model.backbone.transformer_layers:
+            block.call = (lambda *a, _call=block.call, _calls=calls, **k:
+                          _calls.append(1) or _call(*a, **k))
+        model.train_on_batch(x, y)  # builds the model and traces the step once
+        if keras.backend.backend() == "jax":
+            import jax
+
+            state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                         optimizer_variables=True, metrics_variables=True)
+            jaxpr = jax.make_jaxpr(model.train_step)(state, (x, y, None))
+            # jax.checkpoint's primitive: "remat2" in JAX 0.10, "checkpoint" in others
+            counts[remat] = len(re.findall(r"= (?:remat\d*|checkpoint)\[", str(jaxpr)))
+        else:
+            counts[remat] = len(calls)
+    if keras.backend.backend() == "jax":
+        assert counts == {"none": 0, "blocks": 2}
+    else:
+        assert counts["blocks"] == counts["none"] + 2  # one recomputation per block
+
+
+def test_remat_with_dropout_or_float8_is_refused_in_one_line():
+    """Rematerialized dropout and float8 scales change the numbers in Keras 3.15.1 (the
+    recomputation draws other masks, updates the scales again): both refused."""
+    with pytest.raises(kmp.UserError, match=r"^remat='blocks' with dropout=0.1 is not "
+                                            r"supported .* Use dropout=0 or remat='none'\.$"):
+        _remat_model("blocks", False, dropout=0.1)
+    with pytest.raises(kmp.UserError, match=r"^float8 training of a model built with remat is "
+                                            r"not supported .* Use remat='none' or no float8\.$"):
+        _remat_model("blocks", False, float8=True)
+    _remat_model("none", False, dropout=0.1, float8=True)  # without remat: both allowed
+
+
+def test_remat_is_not_saved(tmp_path):
+    """A model trained with remat saves and loads like any other (remat is a training-time
+    choice: the loaded model computes the same logits and rematerializes nothing)."""
+    model = _remat_model("blocks", jit=False)
+    (x, y), = _token_batches(1)
+    model.train_on_batch(x, y)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    model.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")
+    assert all(layer._remat_mode is None for layer in loaded._flatten_layers())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x, training=False)),
+                               expected, rtol=0, atol=1e-6)
+
+
+def test_unknown_remat_is_one_line():
+    with pytest.raises(kmp.UserError, match=r"^Unknown remat 'layers'\. Use one of: none, "
+                                            r"blocks, full\.$"):
+        preset("tiny", remat="layers")

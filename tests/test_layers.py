@@ -1,3 +1,6 @@
+import pathlib
+import re
+
 import keras
 import keras_hub
 import numpy as np
@@ -241,3 +244,30 @@ def test_hardened_attention_with_dropout_matches_float32_at_inference():
     x = _tokens(4)
     assert rel(_f32(model(x, training=False)), _f32(ref(x, training=False))) < 2 * TOL[
         "mixed_bfloat16"]
+
+
+# Keras 3.15.1 internals kmp uses; kmp/_keras.py is the one module that may touch them.
+_PRIVATE = re.compile(
+    r"keras\.src|__internal__|\.(_tracker|_layers|_flatten_layers|_trainable_variables|"
+    r"_non_trainable_variables|_variables|_get_variable_index|_overwrite_variable_with_gradient|"
+    r"_softmax|_compute_attention|_inverse_sqrt_key_dim|_dot_product_equation|"
+    r"_combine_equation|_masked_softmax|_dropout_layer|_dropout|_compute_causal_mask)\b")
+_BACKEND_CHECK = re.compile(r"keras\.backend\.backend\(\)|backends\.name\(\)\s*(==|!=|in\b)|"
+                            r"(==|!=)\s*[\"'](tensorflow|jax|torch)[\"']")
+
+
+def test_keras_internals_and_backend_checks_stay_in_their_one_place():
+    """Private Keras/TensorFlow internals only in kmp/_keras.py, backend checks only in
+    kmp/backends, for the islands, diagnostics, scaler, compile, policy and hardware code."""
+    root = pathlib.Path(L.__file__).parents[1]
+    files = [root / "scaling.py", root / "training.py", root / "policy.py",
+             root / "hardware.py", *(root / "layers").glob("*.py"),
+             *(root / "diagnostics").glob("*.py"), *(root / "backends").glob("*.py")]
+    found = []
+    for path in files:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if _PRIVATE.search(code) or (
+                    _BACKEND_CHECK.search(code) and path.parent.name != "backends"):
+                found.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)

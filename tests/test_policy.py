@@ -42,10 +42,26 @@ def test_auto_decides_from_hardware(hw, policy, jit):
     assert p.reason and p.warning is None and p.device == hw.describe()
 
 
+@pytest.mark.parametrize("hw, flags", [
+    (Hardware("cpu", "AMD EPYC 9R14", count=2, cpu_flags=("avx512_bf16",)), "AVX512_BF16"),
+    (Hardware("cpu", "Intel Xeon", count=2, cpu_flags=("amx_bf16",)), "AMX_BF16"),
+    (Hardware("cpu", "Intel Xeon", count=2, cpu_flags=("avx512_bf16", "amx_bf16")),
+     "AVX512_BF16 and AMX_BF16"),
+])
+def test_cpu_reason_names_this_cpus_flags_and_where_figures_were_measured(hw, flags):
+    """The reason names the bf16 flags this CPU has (no others), and the benchmark figures it
+    quotes say which machines they were measured on."""
+    reason = kmp.plan("auto", hw).reason
+    own, _, cited = reason.partition(";")
+    assert own == f"this CPU ({hw.name}) has {flags} (native bfloat16)"
+    assert "measured on" in cited and "docs/benchmarks.md" in cited
+    assert "measured on" in kmp.plan("mixed_float16", hw).warning
+
+
 @pytest.mark.parametrize(
     "name, hw, needle",
     [
-        ("mixed_float16", CPU_BF16, "barely faster than float32"),
+        ("mixed_float16", CPU_BF16, "no faster than float32"),
         ("mixed_bfloat16", GPU70, "no bfloat16 Tensor Cores"),
         ("mixed_bfloat16", CPU, "no AVX512_BF16 or AMX"),
         ("mixed_float16", GPU61, "no Tensor Cores"),
@@ -128,11 +144,69 @@ def test_peak_flops_matches_whole_model_names(name, half):
 
 def test_peak_flops_float32_and_bfloat16():
     h100 = Hardware("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
-    assert peak_flops(h100, "float32") == 495e12 and peak_flops(h100, "bfloat16") == 989e12
+    assert peak_flops(h100, "float32", tf32=True) == 495e12
+    assert peak_flops(h100, "bfloat16") == 989e12
     assert peak_flops(Hardware("gpu", "Tesla V100-SXM2-16GB", (7, 0)), "bfloat16") is None
     assert peak_flops(Hardware("cpu", "Xeon"), "bfloat16") is None
     assert set(PEAK_TFLOPS) >= {"H100", "H200", "GH200", "A100", "L4", "L40S", "A10", "V100",
                                 "T4"}
+
+
+
+def test_float32_peak_is_tf32_only_where_float32_matmuls_use_it():
+    h100 = Hardware("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
+    a100 = Hardware("gpu", "NVIDIA A100-SXM4-80GB", (8, 0))
+    assert peak_flops(h100, "float32", tf32=True) == 495e12
+    assert peak_flops(h100, "float32", tf32=False) == 67e12
+    assert peak_flops(a100, "float32", tf32=False) == 19.5e12
+    # No TF32 before Ampere, whatever the backend would allow.
+    v100 = Hardware("gpu", "Tesla V100-SXM2-16GB", (7, 0))
+    assert peak_flops(v100, "float32", tf32=True) == 15.7e12
+    assert peak_flops(h100, "bfloat16", tf32=False) == 989e12
+
+
+@pytest.fixture
+def tf32_switch():
+    """Sets the active backend's float32-matmul TF32 setting (True/False) and restores it."""
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        get = tf.config.experimental.tensor_float_32_execution_enabled
+        put = tf.config.experimental.enable_tensor_float_32_execution
+    elif name == "jax":
+        import jax
+
+        def get():
+            return jax.config.jax_default_matmul_precision
+
+        def put(on):
+            value = on if on is None or isinstance(on, str) else (None if on else "highest")
+            jax.config.update("jax_default_matmul_precision", value)
+    else:
+        import torch
+
+        def get():
+            return torch.get_float32_matmul_precision()
+
+        def put(on):
+            value = on if isinstance(on, str) else ("high" if on else "highest")
+            torch.set_float32_matmul_precision(value)
+    before = get()
+    yield put
+    put(before)
+
+
+def test_float32_peak_follows_the_backends_tf32_setting(tf32_switch):
+    """TensorFlow and JAX use TF32 for float32 matmuls by default, torch does not (its
+    default matmul precision is "highest"); the float32 peak follows each backend's switch."""
+    h100 = Hardware("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
+    by_default = keras.backend.backend() != "torch"
+    assert backends.float32_matmuls_use_tf32() is by_default
+    assert peak_flops(h100, "float32") == (495e12 if by_default else 67e12)
+    tf32_switch(not by_default)
+    assert backends.float32_matmuls_use_tf32() is (not by_default)
+    assert peak_flops(h100, "float32") == (67e12 if by_default else 495e12)
 
 
 @pytest.mark.gpu

@@ -96,10 +96,7 @@ def test_fixed_seed_run_matches_the_golden_losses(tmp_path):
         assert worst <= tol, f"{policy}: worst per-step loss difference {worst:.2e} > {tol}"
 
 
-def test_resume_continues_the_same_run(tmp_path, monkeypatch):
-    args = ("--steps", "8", "--val-every", "4", "--precision", "mixed_float16", "--no-jit")
-    ref, ref_metrics = run(tmp_path, *args, name="ref")
-
+def stop_after_first_checkpoint(monkeypatch):
     original = checkpoint.Checkpoint.on_epoch_end
 
     def stop_after_first(self, epoch, logs=None):
@@ -107,10 +104,19 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
         raise KeyboardInterrupt("simulated stop after the first checkpoint")
 
     monkeypatch.setattr(checkpoint.Checkpoint, "on_epoch_end", stop_after_first)
+    return lambda: monkeypatch.setattr(checkpoint.Checkpoint, "on_epoch_end", original)
+
+
+def test_resume_continues_the_same_run(tmp_path, monkeypatch):
+    args = ("--steps", "8", "--val-every", "4", "--precision", "mixed_float16", "--no-jit")
+    ref, ref_metrics = run(tmp_path, *args, name="ref")
+
+    undo = stop_after_first_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, *args, name="resumed")
-    monkeypatch.setattr(checkpoint.Checkpoint, "on_epoch_end", original)
-    assert checkpoint.latest(tmp_path / "resumed" / "checkpoints")["step"] == 4
+    undo()
+    record = checkpoint.latest(tmp_path / "resumed" / "checkpoints")
+    assert (record["step"], record["batches"], record["position"]) == (4, 4, 4)
     out, metrics = run(tmp_path, *args, "--resume", name="resumed")
 
     assert metrics["steps"] == ref_metrics["steps"] == 8
@@ -119,9 +125,68 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
     assert metrics["val_loss"] == pytest.approx(ref_metrics["val_loss"], abs=1e-6)
 
 
+def test_resume_with_another_val_every_continues_from_the_data_position(tmp_path, monkeypatch):
+    # The checkpoint stores where the run stands (batches read, optimizer step); resuming with
+    # another validation interval must not recompute it from the new interval.
+    args = ("--steps", "8", "--precision", "float32", "--no-jit")
+    ref, _ = run(tmp_path, *args, "--val-every", "4", name="ref")
+    undo = stop_after_first_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *args, "--val-every", "4", name="resumed")
+    undo()
+    out, metrics = run(tmp_path, *args, "--val-every", "2", "--resume", name="resumed")
+    assert metrics["steps"] == 8
+    np.testing.assert_allclose(train_losses(out), train_losses(ref), rtol=0, atol=1e-6)
+    history = json.loads((out / "history.json").read_text())
+    assert [s for s, _ in history["train"]] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [s for s, _ in history["val"]] == [4, 6, 8]  # every 2 steps after the resume
+    # ... and with more steps: the same run, continued past its old end.
+    out, metrics = run(tmp_path, *args, "--steps", "10", "--val-every", "2", "--warmup-steps",
+                       "2", "--resume", name="resumed")
+    assert metrics["steps"] == 10 and len(train_losses(out)) == 10
+
+
+def test_resume_refuses_another_grad_accum_or_too_few_steps(tmp_path):
+    run(tmp_path, "--steps", "4", "--val-every", "2", "--precision", "float32")
+    with pytest.raises(ValueError, match=r"another gradient accumulation .*grad_accum 1 -> 2"):
+        run(tmp_path, "--steps", "4", "--val-every", "2", "--grad-accum", "2", "--resume")
+    with pytest.raises(ValueError, match="already trained 4 steps"):
+        run(tmp_path, "--steps", "4", "--val-every", "2", "--resume")
+
+
+@pytest.mark.backends
+def test_gradient_accumulation_checkpoints_and_resumes_on_every_backend(tmp_path, monkeypatch):
+    # Keras derives `iterations` under accumulation (a floor_divide: a jax.Array on JAX, no
+    # .numpy()); the checkpoint, the metrics and the resume position must all read it.
+    args = ("--steps", "4", "--val-every", "2", "--grad-accum", "2", "--precision",
+            "mixed_float16", "--jit")
+    ref, ref_metrics = run(tmp_path, *args, name="ref")
+    assert ref_metrics["steps"] == 4
+    record = checkpoint.latest(ref / "checkpoints")
+    assert (record["step"], record["batches"]) == (4, 8)
+    undo = stop_after_first_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *args, name="resumed")
+    undo()
+    out, metrics = run(tmp_path, *args, "--resume", name="resumed")
+    assert metrics["steps"] == 4
+    np.testing.assert_allclose(train_losses(out), train_losses(ref), rtol=0, atol=1e-5)
+
+
+def test_a_non_finite_loss_does_not_blind_the_rest_of_the_epoch(tmp_path):
+    # inf sample weights on the rows of step 2 (this process's, worker 0): that step's loss is
+    # non-finite and its float16 update is skipped; every other step keeps its own loss.
+    out, metrics = run(tmp_path, "--steps", "6", "--val-every", "6", "--precision",
+                       "mixed_float16", "--inject-fault", "inf@2:0", "--no-recover")
+    losses = json.loads((out / "history.json").read_text())["train"]
+    assert losses[2][1] is None  # strict JSON: null for the non-finite one
+    assert all(math.isfinite(loss) for _, loss in losses[:2] + losses[3:]), losses
+    assert metrics["skipped_steps"] == 1 and math.isfinite(metrics["final_train_loss"])
+
+
 def test_resume_refuses_another_shape_or_no_checkpoint(tmp_path):
     run(tmp_path, "--steps", "2", "--precision", "float32")
-    with pytest.raises(ValueError, match="another model shape"):
+    with pytest.raises(ValueError, match=r"another model shape \(hidden_dim 32 -> 64\)"):
         run(tmp_path, "--steps", "2", "--hidden-dim", "64", "--resume")
     (tmp_path / "fresh").mkdir()  # a run's config without any checkpoint
     (tmp_path / "fresh" / "config.json").write_text((tmp_path / "run" / "config.json").read_text())

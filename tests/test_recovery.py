@@ -1,5 +1,6 @@
 """Training that heals itself (kmp.recovery): detection, the ladder, and the recipe's recovering
-runs under injected faults. The recipe tests add their rows to docs/reliability.md."""
+runs under injected faults. The recipe tests give docs/reliability.md its rows
+(docs/reliability.py)."""
 
 import json
 import math
@@ -167,6 +168,25 @@ def test_watchdog_calls_a_spike_from_the_running_median_and_nothing_else():
     assert _fit_watchdog([5.0, 50.0], spike_factor=1.5, window=10) is None
     event = _fit_watchdog([5.0, 4.9, float("nan")], window=10)
     assert (event.cause, event.step) == ("nonfinite_loss", 2)
+
+
+@pytest.mark.backends
+def test_the_skip_budget_is_in_optimizer_steps_under_gradient_accumulation():
+    import kmp
+    from kmp.errors import UserError
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    kmp.compile(model, kmp.LossScaleOptimizer(keras.optimizers.SGD()), "mse")
+    model.optimizer.build(model.trainable_variables)
+    dog = Watchdog(max_skips=2, batches_per_step=3)  # 2 steps of 3 micro-batches
+    dog.set_model(model)
+    dog.on_epoch_begin(0)
+    for i in range(5):
+        dog.on_train_batch_end(i, {"loss": 1.0, "consecutive_skips": i + 1})
+    with pytest.raises(Event, match="6 consecutive skipped micro-batches"):
+        dog.on_train_batch_end(5, {"loss": 1.0, "consecutive_skips": 6})
+    with pytest.raises(UserError, match="max_skips must be None or an int >= 1"):
+        Watchdog(max_skips=0)  # not "no budget given" through an `or`
 
 
 @pytest.mark.backends

@@ -1,5 +1,5 @@
 """Reliability: overflow storms, kills mid-training and mid-checkpoint, precision changes on
-resume, and bad input. Each test adds its rows to docs/reliability.md (see conftest.py)."""
+resume, and bad input. Each test gives docs/reliability.md its rows (docs/reliability.py)."""
 
 import json
 import os
@@ -173,8 +173,9 @@ from kmp import checkpoint
 from kmp.recipes import pretrain_gpt
 mode, at = sys.argv[1], int(sys.argv[2])
 if mode == "train":  # SIGKILL right after training batch `at` of this process
-    seen = [0]
+    seen, counted = [0], checkpoint.Checkpoint.on_train_batch_end
     def on_train_batch_end(self, batch, logs=None):
+        counted(self, batch, logs)
         seen[0] += 1
         if seen[0] == at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -220,12 +221,12 @@ def test_sigkill_mid_training_and_mid_checkpoint_then_resume_equals_one_run(tmp_
     # in epoch 2 of 3, after checkpoint 1
     first = _pretrain(tmp_path, out, "train", 6, backend=backend)
     assert first.returncode == -signal.SIGKILL
-    assert checkpoint.latest(out / "checkpoints")["epoch"] == 1
+    assert checkpoint.latest(out / "checkpoints")["batches"] == 4
     if backend == "tensorflow":  # dies writing checkpoint 2 (kmp's own file code: any backend)
         second = _pretrain(tmp_path, out, "checkpoint", 1, "--resume", backend=backend)
         assert second.returncode == -signal.SIGKILL and "resume: from step" in second.stdout
         record = checkpoint.latest(out / "checkpoints")
-        assert record["epoch"] == 1  # latest.json still names the whole checkpoint
+        assert record["batches"] == 4  # latest.json still names the whole checkpoint
         assert list((out / "checkpoints").glob("tmp-*"))  # the half-written file is only a tmp
     third = _pretrain(tmp_path, out, "none", 0, "--resume", backend=backend)
     assert third.returncode == 0, third.stderr[-2000:]
@@ -247,7 +248,7 @@ def test_sigkill_mid_training_and_mid_checkpoint_then_resume_equals_one_run(tmp_
                     "--resume continues from the step-4 checkpoint")
         reliability("SIGKILL while a checkpoint file is being written (half of it on disk)",
                     "latest.json still names the previous whole checkpoint; the partial file "
-                    "is a tmp- file that resume ignores and the next save overwrites")
+                    "is a tmp- file that resume ignores and the next save removes")
     kills = "both kills" if backend == "tensorflow" else "the kill in training"
     reliability(f"{kills}, then --resume to the end (mixed_float16, CPU, {backend})",
                 f"bit-identical to an uninterrupted run: all {len(ref_arrays)} arrays of the "
@@ -321,9 +322,19 @@ BAD_INPUTS = [  # (what, argv builder, expected message)
     ("negative batch size", lambda t, r: ["--batch-size", "-4"],
      "batch_size must be a positive integer"),
     ("zero sequence length", lambda t, r: ["--seq-len", "0"], "seq_len must be a positive"),
-    ("sequence longer than the model's maximum (resume)",
+    ("another sequence length (resume)",
      lambda t, r: ["--out", str(r / "run"), "--resume", "--seq-len", "64"],
-     "longer than the model's maximum 32"),
+     "another model shape (seq_len 32 -> 64)"),
+    ("negative learning rate", lambda t, r: ["--learning-rate", "-0.1"],
+     "learning_rate must be a finite number > 0"),
+    ("warm-up longer than the run", lambda t, r: ["--warmup-steps", "20"],
+     "warmup_steps must be an integer from 0 to steps (12)"),
+    ("negative seed", lambda t, r: ["--seed", "-1"], "seed must be an integer >= 0"),
+    ("steps with no divisor near --val-every", lambda t, r: ["--steps", "13"],
+     "has no divisor near val_every=4"),
+    ("--resume with another gradient accumulation",
+     lambda t, r: ["--out", str(r / "run"), "--resume", "--grad-accum", "2"],
+     "another gradient accumulation"),
     ("--out not writable (a path under a file)",
      lambda t, r: ["--out", str(DATA / "corpus.txt" / "out")], "is not writable"),
     ("--resume at a directory that is not a kmp run",

@@ -265,6 +265,59 @@ def test_keras_behaviours_hold(path):
     assert clone.get_config() == opt.get_config()
 
 
+
+def test_config_has_keras_keys_and_round_trips_through_keras_serialization(tmp_path):
+    """Keras's LossScaleOptimizer config keys are all there (code written against Keras's
+    class reads them), kmp's settings beside them; serialize/deserialize and a .keras file
+    round-trip every setting."""
+    opt = LossScaleOptimizer(keras.optimizers.SGD(0.25), initial_scale=512.0,
+                             growth_interval=7, growth_factor=4.0, backoff_factor=0.25,
+                             hysteresis=3, min_scale=2.0, max_scale=2.0**20,
+                             max_consecutive_skips=None, name="scaler")
+    cfg = opt.get_config()
+    keras_cfg = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()).get_config()
+    assert set(keras_cfg) <= set(cfg)
+    assert cfg["dynamic_growth_steps"] == 7 and cfg["hysteresis"] == 3
+    clone = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert type(clone) is LossScaleOptimizer and clone.get_config() == cfg
+    assert clone.growth_interval == 7 and clone.inner_optimizer.get_config() == (
+        opt.inner_optimizer.get_config())
+    # A config written before dynamic_growth_steps was in it still loads.
+    old = {k: v for k, v in cfg.items() if k != "dynamic_growth_steps"}
+    assert LossScaleOptimizer.from_config({**old, "growth_interval": 7}).get_config() == cfg
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(opt, "mse")
+    model.fit(np.ones((4, 2), "float32"), np.ones((4, 1), "float32"), verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras").optimizer
+    assert type(loaded) is LossScaleOptimizer and loaded.get_config() == cfg
+
+
+def test_growth_interval_and_dynamic_growth_steps_are_one_setting():
+    opt = LossScaleOptimizer(keras.optimizers.SGD(), growth_interval=5)
+    opt.growth_interval = 3
+    assert opt.dynamic_growth_steps == 3 and opt.get_config()["dynamic_growth_steps"] == 3
+    with pytest.raises(ValueError, match="growth_interval=0"):
+        opt.growth_interval = 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_take_step_state_hands_over_each_step_once(path):
+    w = keras.Variable(np.ones(2, "float32"), name="w")
+    opt = LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=8.0)
+    assert opt.take_step_state() is None
+    _apply(opt, [np.full(2, np.inf, "float32")], [w], path)
+    if path == "stateless_apply":  # the tensors of a compiled step do not outlive it
+        assert opt.take_step_state() is not None
+        return
+    state = opt.take_step_state()
+    assert set(state) == set(opt.state())
+    assert {k: _np(v).item() for k, v in state.items()} == opt.state()
+    assert opt.state()["loss_scale"] == 4.0 and opt.state()["skipped_steps"] == 1
+    assert opt.take_step_state() is None
+
+
 def _overflow_model(policy, jit):
     keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(0)

@@ -70,6 +70,49 @@ def test_compile_keeps_a_keras_loss_scale_optimizers_settings():
     assert (opt.initial_scale, opt.growth_interval) == (64.0, 5)
 
 
+def test_compile_honours_loss_scale_on_kmps_own_optimizer():
+    kmp.set_policy("mixed_float16")
+    given = kmp.LossScaleOptimizer(keras.optimizers.SGD(0.01), hysteresis=3)
+    opt = kmp.compile(_model(), given, "mse",
+                      loss_scale={"initial_scale": 256.0, "dynamic_growth_steps": 4})
+    assert opt is given
+    assert (opt.initial_scale, opt.growth_interval, opt.hysteresis) == (256.0, 4, 3)
+    model = _model()
+    kmp.compile(model, opt, "mse")
+    x, y = _data()
+    model.fit(x, y, batch_size=8, verbose=0)
+    assert opt.state()["hysteresis_left"] == 3
+    # Built: its scale and counters exist, so a change is refused, saying which and why.
+    with pytest.raises(ValueError, match=r"initial_scale cannot change once the optimizer is "
+                                         r"built.*Received: initial_scale=8.0"):
+        kmp.compile(_model(), opt, "mse", loss_scale={"initial_scale": 8.0})
+    assert kmp.compile(_model(), opt, "mse", loss_scale={"initial_scale": 256.0}) is opt
+    with pytest.raises(ValueError, match="unknown setting 'hystersis'"):
+        kmp.compile(_model(), kmp.LossScaleOptimizer(keras.optimizers.SGD()), "mse",
+                    loss_scale={"hystersis": 2})
+    with pytest.raises(ValueError, match="Received: backoff_factor=2"):
+        kmp.compile(_model(), kmp.LossScaleOptimizer(keras.optimizers.SGD()), "mse",
+                    loss_scale={"backoff_factor": 2})
+
+
+def test_compile_float32_residual_without_attention_islands():
+    import keras_hub
+
+    from kmp._keras import flatten_layers
+    from kmp.layers.harden import is_hardened
+
+    kmp.set_policy("mixed_bfloat16")
+    backbone = keras_hub.models.GPT2Backbone(96, 1, 2, 32, 64, max_sequence_length=8)
+    kmp.compile(backbone, "sgd", islands=False, float32_residual=True)
+    attention = [layer for layer in flatten_layers(backbone)
+                 if isinstance(layer, keras.layers.MultiHeadAttention)]
+    assert attention and not any(is_hardened(layer) for layer in attention)
+    assert backbone.transformer_layers[0].compute_dtype == "float32"
+    assert backbone.layer_norm.compute_dtype == "float32"
+    kmp.compile(backbone, "sgd", islands=True)
+    assert all(is_hardened(layer) for layer in attention)
+
+
 def test_compile_rejects_loss_scale_without_float16():
     with pytest.raises(ValueError, match="no layer computes in float16"):
         kmp.compile(_model(), "sgd", "mse", loss_scale={"hysteresis": 2})

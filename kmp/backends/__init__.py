@@ -56,6 +56,23 @@ def versions() -> dict:
     return {"keras": keras.__version__, name(): current().version()}
 
 
+def jit_compile_for(choice: bool) -> tuple[bool, str | None]:
+    """The `jit_compile` to use on the active backend when the hardware alone would pick
+    `choice`, and a sentence saying why when they differ (None otherwise): TensorFlow takes
+    the choice; JAX keeps XLA on (without it Keras's JAX trainer runs op by op); torch stays
+    eager, Keras's default there (jit_compile=True means torch.compile)."""
+    return current().jit_compile_for(choice)
+
+
+def float32_matmuls_use_tf32() -> bool:
+    """True when the backend runs float32 matmuls on TF32 Tensor Cores (on GPUs that have
+    them, Ampere on): TensorFlow unless `tf.config.experimental.enable_tensor_float_32_execution
+    (False)`; JAX unless `jax_default_matmul_precision` asks for full float32 ("highest",
+    "float32"); torch only when asked (`torch.set_float32_matmul_precision("high")`,
+    `torch.backends.cuda.matmul.allow_tf32 = True` or `fp32_precision = "tf32"`)."""
+    return current().float32_matmuls_use_tf32()
+
+
 def in_compiled_function(value) -> bool:
     """True while tracing a compiled train step (where a host read would cost a sync);
     `value` is a tensor of the step (on JAX, only a traced value tells)."""

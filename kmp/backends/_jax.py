@@ -8,6 +8,7 @@ import jax
 import keras
 import numpy as np
 
+from kmp._keras import optimizer_built_for
 from kmp.backends import HostSwitch
 
 
@@ -29,6 +30,22 @@ def accelerator():
                     "compute_capability": cc if platform == "gpu" else None,
                     "count": len(devices)}
     return None
+
+
+# jax_default_matmul_precision values that keep float32 matmuls in full float32 on GPUs (the
+# default, None, and "default", "bfloat16", "high", "tensorfloat32" let XLA use TF32).
+_FULL_FLOAT32 = ("highest", "float32", "F32_F32_F32")
+
+
+def jit_compile_for(choice):
+    if choice:
+        return True, None
+    return True, "Under JAX XLA stays on (without it Keras's JAX trainer runs each op on its own)."
+
+
+def float32_matmuls_use_tf32() -> bool:
+    precision = jax.config.jax_default_matmul_precision
+    return precision is None or str(precision) not in _FULL_FLOAT32
 
 
 def in_compiled_function(value) -> bool:
@@ -85,7 +102,7 @@ class Switch(HostSwitch):
 
 def apply_scaled(optimizer, flags, grads, tvs):
     # JAX arrays are immutable: the pure step, then assigned.
-    optimizer._assign_stateless(grads, tvs or optimizer._trainable_variables)
+    optimizer._assign_stateless(grads, tvs or optimizer_built_for(optimizer))
 
 
 def replica_id():

@@ -6,6 +6,8 @@ import contextlib
 
 import tensorflow as tf
 
+from kmp._keras import tf_strategy_supports_no_merge_call
+
 
 def version() -> str:
     return tf.__version__
@@ -21,6 +23,14 @@ def accelerator():
     if tpus:
         return {"kind": "tpu", "name": "TPU", "compute_capability": None, "count": len(tpus)}
     return None
+
+
+def jit_compile_for(choice):
+    return choice, None
+
+
+def float32_matmuls_use_tf32() -> bool:
+    return bool(tf.config.experimental.tensor_float_32_execution_enabled())
 
 
 def in_compiled_function(value) -> bool:
@@ -77,7 +87,7 @@ def apply_scaled(optimizer, flags, grads, tvs):
     if ctx.num_replicas_in_sync > 1:
         flags = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flags)
     grad_norm = optimizer._local_grad_norm(grads)
-    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+    if tf_strategy_supports_no_merge_call():
         optimizer._apply_and_update(flags, grad_norm, grads, tvs)
         return
 

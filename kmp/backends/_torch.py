@@ -22,6 +22,21 @@ def accelerator():
             "count": torch.cuda.device_count()}
 
 
+def jit_compile_for(choice):
+    if not choice:
+        return False, None
+    return False, ("torch runs eagerly, as Keras's default there (jit_compile=True means "
+                   "torch.compile).")
+
+
+def float32_matmuls_use_tf32() -> bool:
+    # torch >= 2.9 reports every way of setting it here ("tf32", "ieee", or "none": unset).
+    new = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if new != "none":
+        return new == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def in_compiled_function(value) -> bool:
     return torch.compiler.is_compiling()
 

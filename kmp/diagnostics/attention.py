@@ -18,7 +18,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from kmp._keras import layer_paths, walk
+from kmp._keras import layer_paths, mha_compute_attention, mha_dropout, mha_score_scale, walk
 from kmp.layers.harden import is_hardened
 
 # Float32 scores and softmax give at most 0.5 ulp (the final rounding) plus float32 error
@@ -52,7 +52,7 @@ class AttentionPrecision:
 def _route(layer) -> str:
     if is_hardened(layer):
         return "kmp float32 island"
-    return "Keras softmax" if layer._dropout > 0 else "Keras fused dot_product_attention"
+    return "Keras softmax" if mha_dropout(layer)[0] > 0 else "Keras fused dot_product_attention"
 
 
 def _probe(layer, seq_len: int, rng) -> tuple[float, float]:
@@ -72,12 +72,12 @@ def _probe(layer, seq_len: int, rng) -> tuple[float, float]:
     for start in range(0, seq_len, width):
         v = np.zeros((1, seq_len, heads, width), "float32")
         v[0, start + np.arange(width), :, np.arange(width)] = 1.0
-        out, _ = layer._compute_attention(*(keras.ops.cast(t, dtype) for t in (q, k, v)),
-                                          attention_mask=mask, training=False)
+        out, _ = mha_compute_attention(layer, *(keras.ops.cast(t, dtype) for t in (q, k, v)),
+                                       attention_mask=mask, training=False)
         block = keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))[0]  # (T, N, w)
         probs[:, :, start:start + width] = block.transpose(1, 0, 2)
     scores = np.einsum("tnh,snh->nts", q[0].astype(np.float64), k[0].astype(np.float64))
-    scores = np.where(causal, scores * float(layer._inverse_sqrt_key_dim), -np.inf)
+    scores = np.where(causal, scores * mha_score_scale(layer), -np.inf)
     exact = np.exp(scores - scores.max(-1, keepdims=True))
     exact /= exact.sum(-1, keepdims=True)
     tiny = np.finfo(np.float16).tiny if dtype == "float16" else 2.0**-126

@@ -1,30 +1,54 @@
 """GPT pieces on KerasHub for the pretraining recipe: config and presets, data, model,
-memory estimate, benchmark harness, reports; and what comes after training: quantization,
-quantization-aware fine-tuning, LiteRT export."""
+memory estimate, benchmark harness, reports; and what comes after training: a finished run
+loaded exactly as trained, quantization, quantization-aware fine-tuning, LiteRT export.
 
-from kmp.gpt.config import PRESETS, GPTConfig, add_arguments, from_args, preset
-from kmp.gpt.data import TokenCache, build_token_cache, train_dataset, val_dataset
-from kmp.gpt.export import export_run
-from kmp.gpt.finetune import finetune_run
-from kmp.gpt.memory import MemoryEstimate, estimate_memory, memory_table
-from kmp.gpt.model import (
-    GPTBackbone,
-    GPTCausalLM,
-    NextTokenCrossentropy,
-    build_model,
-    flops_per_token,
-    lm_loss,
-    load_model,
-    make_optimizer,
-    param_count,
-)
-from kmp.gpt.quantize import quantize_run
-from kmp.gpt.report import sample_text
+The names below are imported on first use: reading a config (`kmp.gpt.config`) loads
+neither Keras nor a backend."""
 
-__all__ = [
-    "GPTBackbone", "GPTCausalLM", "GPTConfig", "MemoryEstimate", "NextTokenCrossentropy", "PRESETS",
-    "TokenCache", "add_arguments", "build_model", "build_token_cache", "estimate_memory",
-    "export_run", "finetune_run", "flops_per_token", "from_args", "lm_loss", "load_model",
-    "make_optimizer", "memory_table", "param_count", "preset", "quantize_run", "sample_text",
-    "train_dataset", "val_dataset",
-]
+import importlib
+
+# public name -> the module of kmp.gpt that defines it
+_EXPORTS = {
+    "add_arguments": "config",
+    "attach_preprocessor": "run",
+    "build_model": "model",
+    "build_token_cache": "data",
+    "estimate_memory": "memory",
+    "export_run": "export",
+    "finetune_run": "finetune",
+    "FinishedRun": "run",
+    "flops_per_token": "model",
+    "from_args": "config",
+    "GPTBackbone": "model",
+    "GPTCausalLM": "model",
+    "GPTConfig": "config",
+    "lm_loss": "model",
+    "load_model": "model",
+    "make_optimizer": "model",
+    "memory_table": "memory",
+    "MemoryEstimate": "memory",
+    "NextTokenCrossentropy": "model",
+    "open_run": "run",
+    "param_count": "model",
+    "preset": "config",
+    "PRESETS": "config",
+    "quantize_run": "quantize",
+    "sample_text": "report",
+    "TokenCache": "data",
+    "train_dataset": "data",
+    "val_dataset": "data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kmp.gpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kmp.gpt.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

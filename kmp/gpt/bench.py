@@ -12,17 +12,19 @@ The steps are real training: every run starts from the same initial weights, rea
 batches in the same order, and trains without learning-rate warm-up, so its loss must fall
 from the first step to the last and the runs' final losses must agree (`check_losses`); a run
 that computes wrongly shows there, not only a slow one.
+
+`main` is the command, with its options; `--backends` (one process per Keras backend) lives in
+`kmp.gpt.crossbackend`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-import math
-import re
-import resource
 import statistics
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -31,12 +33,19 @@ from kmp import backends
 from kmp.callbacks import PrecisionMonitor
 from kmp.errors import UserError
 from kmp.gpt import data
-from kmp.gpt.config import GPTConfig
+from kmp.gpt.config import RUN_ONLY, GPTConfig, add_arguments, from_args
+from kmp.gpt.memory import state_bytes
 from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
 from kmp.hardware import detect, peak_flops
 from kmp.policy import POLICIES
 from kmp.policy import plan as make_plan
 from kmp.training import compile as kmp_compile
+
+# Why a CPU run shows no peak memory (ru_maxrss only grows; a reset peak would count pages freed
+# by other runs' models and reused by this one as nothing).
+CPU_MEMORY = ("not measured on CPU: the process's memory holds every run's model and the "
+              "allocator's freed pages, so no figure would be one run's own (kmp memory "
+              "estimates it)")
 
 
 @dataclasses.dataclass
@@ -62,7 +71,9 @@ class Run:
 
     def row(self) -> dict:
         return {"run": self.label, "policy": self.policy, "xla": self.jit,
-                "median_step_ms": 1000 * self.median_step, "tokens_per_sec": self.tokens_per_sec,
+                "median_step_ms": 1000 * self.median_step,
+                "step_ms": [1000 * s for s in self.step_seconds],
+                "tokens_per_sec": self.tokens_per_sec,
                 "mfu": self.mfu, "peak_memory_mib": (self.peak_memory / 2**20
                                                      if self.peak_memory else None),
                 "memory_kind": self.memory_kind, "first_loss": self.first_loss,
@@ -90,36 +101,50 @@ def _runs(policies, xla, peer=None) -> list[Run]:
     return runs
 
 
-def _itemsize(dtype) -> int:
-    bits = re.search(r"\d+", keras.backend.standardize_dtype(dtype))
-    return int(bits.group()) // 8 if bits else 1  # bool
-
-
-def state_bytes(model) -> int:
-    """Bytes of a model's variables and its optimizer's (what it keeps on the device between
-    steps)."""
-    seen, total = set(), 0
-    for v in [*model.variables, *getattr(model.optimizer, "variables", [])]:
-        if id(v) not in seen:
-            seen.add(id(v))
-            total += math.prod(v.shape) * _itemsize(v.dtype)
-    return total
+def loss_reference(runs: list[Run]) -> tuple[str, list[Run]]:
+    """The runs whose final losses the others' are checked against, and what they are: kmp's
+    and plain Keras's float32 runs ("float32's"), else the plain Keras runs ("plain Keras's");
+    ("", []) when neither ran. A peer starts from other weights and is never a reference."""
+    base = [r for r in runs if r.policy == "float32" and r.path in ("kmp", "keras")]
+    if base:
+        return "float32's", base
+    base = [r for r in runs if r.path == "keras"]
+    return ("plain Keras's", base) if base else ("", [])
 
 
 def check_losses(runs: list[Run], tolerance: float = 0.02) -> list[str]:
-    """What is wrong with the runs' losses: a run whose loss did not fall, or whose final loss
-    is more than `tolerance` (relative) from the float32 runs' mean. Empty when all is well."""
+    """What is wrong with the runs' losses: a run whose loss did not fall, or a kmp or plain
+    Keras run whose final loss is more than `tolerance` (relative) from the mean of the
+    `loss_reference` runs'. Empty when all is well."""
     problems = [f"{r.label}: the loss did not fall ({r.first_loss:.4f} -> {r.final_loss:.4f})"
                 for r in runs if not r.final_loss < r.first_loss]
-    base = [r.final_loss for r in runs if r.policy == "float32" and r.path != "torch"]
-    if base:  # a peer starts from other weights: only its own fall is checked
-        ref = sum(base) / len(base)
-        for r in (r for r in runs if r.path != "torch"):
+    name, base = loss_reference(runs)
+    if base:
+        ref = sum(r.final_loss for r in base) / len(base)
+        for r in (r for r in runs if r.path in ("kmp", "keras")):
             off = abs(r.final_loss / ref - 1)
             if not off <= tolerance:
                 problems.append(f"{r.label}: final loss {r.final_loss:.4f} is {off:.1%} from "
-                                f"float32's {ref:.4f} (tolerance {tolerance:.0%})")
+                                f"{name} {ref:.4f} (tolerance {tolerance:.0%})")
     return problems
+
+
+def loss_summary(runs: list[Run], tolerance: float = 0.02) -> str:
+    """One line per problem `check_losses` finds, or a line saying what was checked and
+    against what.
+
+    Example:
+    >>> print(loss_summary([Run("a", "mixed_bfloat16", False, first_loss=2.0, final_loss=1.0)]))
+    Every run's loss fell (no float32 or plain Keras run ran to compare final losses with).
+    """
+    problems = check_losses(runs, tolerance)
+    if problems:
+        return "\n\n".join(f"warning: {p}" for p in problems)
+    name, base = loss_reference(runs)
+    if not base:
+        return ("Every run's loss fell (no float32 or plain Keras run ran to compare final "
+                "losses with).")
+    return f"Every run's loss fell, and the final losses agree with {name} within {tolerance:.0%}."
 
 
 def benchmark(config: GPTConfig, policies=("float32", "mixed_float16", "mixed_bfloat16", "auto"),
@@ -220,8 +245,7 @@ def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
         run.first_loss = _fit(*built[i], cache, config, next_batch, i, 1)
         log(f"bench: {run.label}: first step (compilation) {time.perf_counter() - t:.1f} s")
         if not gpu:
-            run.peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            run.memory_kind = "process peak RSS so far"
+            run.memory_kind = CPU_MEMORY
     # An untimed round: a model's first steps after another model ran can be slow once.
     for i in range(len(runs)):
         _fit(*built[i], cache, config, next_batch, i, warmup)
@@ -288,7 +312,8 @@ def to_markdown(runs: list[Run], title: str, baseline: str = "float32") -> str:
         ratio = f"{run.ratio:.2f}x" if run.ratio is not None else "-"
         lines.append(f"| {run.label} | {row['median_step_ms']:.0f} | {run.tokens_per_sec:,.0f} | "
                      f"{mfu} | {mem} | {run.first_loss:.3f} -> {run.final_loss:.3f} | {ratio} |")
-    return "\n".join(lines)
+    kinds = dict.fromkeys(run.memory_kind for run in runs if run.memory_kind)
+    return "\n".join(lines) + "".join(f"\n\npeak memory: {kind}." for kind in kinds)
 
 
 def to_json(runs: list[Run], config: GPTConfig, hardware: str, baseline: str = "float32") -> str:
@@ -298,65 +323,86 @@ def to_json(runs: list[Run], config: GPTConfig, hardware: str, baseline: str = "
                        "runs": [run.row() for run in runs]}, indent=2)
 
 
-def parse_backend_runs(spec: str) -> list[tuple[str, str, str | None]]:
-    """"tensorflow:mixed_bfloat16:off,jax,torch:float32" -> [(backend, policy, xla)], the
-    policy defaulting to auto (that backend's plan) and XLA to the plan's ("on"/"off"/None).
 
-    Example:
-    >>> parse_backend_runs("jax,torch:float32:off")
-    [('jax', 'auto', None), ('torch', 'float32', 'off')]
+def main(argv: list[str]) -> int:
+    """`kmp bench`: parses its options from `argv`, runs, prints the table and writes
+    bench.json and bench.md (overhead.* with --overhead, backends.* with --backends) to --out.
+
+    Args:
+        argv: list of str. The options after `kmp bench`.
+
+    Returns:
+        0.
+
+    Raises:
+        UserError: for an option out of range or an unknown policy, backend or XLA setting.
     """
-    runs = []
-    for item in spec.split(","):
-        backend, policy, xla = (item.split(":") + ["auto", None])[:3]
-        if backend not in backends.SUPPORTED or (policy != "auto" and policy not in POLICIES) or (
-                xla not in (None, "on", "off")):
-            raise UserError(f"Unknown backend run {item!r}. Use BACKEND[:POLICY[:on|off]] with "
-                            f"a backend of {', '.join(backends.SUPPORTED)} and a policy of "
-                            f"auto, {', '.join(POLICIES)}.", field="backends")
-        runs.append((backend, policy, xla))
-    return runs
+    parser = argparse.ArgumentParser(
+        prog="kmp bench", description="Train a GPT preset under each precision and XLA "
+        "setting, interleaved in one process; print a table and write bench.json/bench.md "
+        "to --out.")
+    add_arguments(parser, exclude={"precision", "steps", "warmup_steps", *RUN_ONLY})
+    parser.add_argument("--policies", default="float32,mixed_float16,mixed_bfloat16,auto",
+                        help="comma-separated; auto adds the plan's pick")
+    parser.add_argument("--xla", default="on,off", help="comma-separated XLA settings: on,off")
+    parser.add_argument("--chunk", type=int, default=10, help="steps per turn")
+    parser.add_argument("--repeats", type=int, default=3, help="timed turns per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
+    parser.add_argument("--overhead", nargs="?", const="auto", metavar="POLICY",
+                        help="instead: plain Keras against the kmp path under POLICY (auto)")
+    parser.add_argument("--backends", metavar="B[:POLICY[:on|off]],...",
+                        help="instead: one setting per Keras backend, each in its own process, "
+                        "taking turns for --rounds rounds (e.g. tensorflow,jax,torch; the "
+                        "policy defaults to that backend's auto)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per backend (--backends)")
+    parser.add_argument("--peer", choices=("torch",), help="also train a PyTorch reference of "
+                        "the same shape (autocast, GradScaler, torch.compile where XLA is on) in "
+                        "the same process on the same batches, and give kmp's speed over it")
+    opts = parser.parse_args(argv)
+    for name in ("chunk", "repeats", "warmup", "rounds"):
+        if getattr(opts, name) < 1:
+            raise UserError(f"{name} must be a positive integer. Received: "
+                            f"{name}={getattr(opts, name)}", field=name)
+    config = from_args(opts)
+    out = Path(config.out).expanduser()
+    if opts.backends:
+        from kmp.gpt import crossbackend
+
+        rows = crossbackend.compare(argv, opts.backends, opts.rounds, out)
+        _write(out, "backends", json.dumps(rows, indent=2), crossbackend.to_markdown(
+            rows, f"{config.preset}: batch {config.batch_size} x {config.seq_len} tokens, "
+            f"{opts.rounds} rounds"))
+        return 0
+    xla = []
+    for word in opts.xla.split(","):
+        if word not in ("on", "off"):
+            raise UserError(f"Unknown --xla setting {word!r}. Use on, off or on,off.")
+        xla.append(word == "on")
+    if opts.overhead:
+        runs = overhead(config, opts.overhead, opts.chunk, opts.repeats, opts.warmup)
+        name, baseline = "overhead", "plain Keras"
+    else:
+        runs = benchmark(config, opts.policies.split(","), xla, opts.chunk, opts.repeats,
+                         opts.warmup, peer=opts.peer)
+        name, baseline = "bench", "float32"
+    hw = detect().describe()
+    table = to_markdown(runs, f"{config.preset}: batch {config.batch_size} x {config.seq_len} "
+                        f"tokens, {opts.repeats} x {opts.chunk} timed steps per run, on {hw}",
+                        baseline) + "\n\n" + loss_summary(runs)
+    ratios = peer_ratios(runs)
+    if ratios:
+        table += ("\n\n| precision | kmp (fastest) | tokens/s | peer (fastest) | tokens/s | "
+                  "kmp / peer |\n|---|---|---|---|---|---|\n" + "\n".join(
+                      f"| {p} | {a.label} | {a.tokens_per_sec:,.0f} | {b.label} | "
+                      f"{b.tokens_per_sec:,.0f} | {q:.2f}x |" for p, a, b, q in ratios))
+    _write(out, name, to_json(runs, config, hw, baseline), table)
+    return 0
 
 
-def compare_backends(bench_argv: list[str], runs, rounds: int, out, log=print) -> list[dict]:
-    """Times one setting per Keras backend, each in its own process (a process has one
-    backend), taking turns for `rounds` rounds with the order rotating, so drift on the
-    machine hits all alike. Each turn is `kmp --backend B bench` with `bench_argv` and
-    `--repeats 1`. Returns one row per backend: tokens/s per round, the median, and the ratio
-    of the medians to the first backend's."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tokens = {run: [] for run in runs}
-    labels = {}
-    for r in range(rounds):
-        for k in range(len(runs)):
-            backend, policy, xla = run = runs[(k + r) % len(runs)]
-            turn = Path(out) / f"turn-{r}-{backend}"
-            argv = [sys.executable, "-m", "kmp.cli", "--backend", backend, "bench",
-                    *bench_argv, "--policies", policy, "--repeats", "1", "--out", str(turn)]
-            if xla is not None and policy != "auto":
-                argv += ["--xla", xla]
-            log(f"bench: round {r + 1}/{rounds}: {backend} {policy} ...")
-            done = subprocess.run(argv, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"kmp bench under {backend} failed:\n{done.stderr[-3000:]}")
-            row = json.loads((turn / "bench.json").read_text())["runs"][0]
-            tokens[run].append(row["tokens_per_sec"])
-            labels[run] = f"{backend}: {row['run']}"
-    first = statistics.median(tokens[runs[0]])
-    return [{"backend": run[0], "run": labels[run], "tokens_per_sec": tokens[run],
-             "median_tokens_per_sec": statistics.median(tokens[run]),
-             "ratio": statistics.median(tokens[run]) / first} for run in runs]
-
-
-def backends_markdown(rows: list[dict], title: str) -> str:
-    """The rows of `compare_backends` as a Markdown table."""
-    lines = [f"**{title}**", "", "| backend: run | tokens/s per round | median tokens/s | "
-             f"vs {rows[0]['backend']} |", "|---|---|---|---|"]
-    for row in rows:
-        each = ", ".join(f"{t:,.0f}" for t in row["tokens_per_sec"])
-        lines.append(f"| {row['run']} | {each} | {row['median_tokens_per_sec']:,.0f} | "
-                     f"{row['ratio']:.2f}x |")
-    return "\n".join(lines)
+def _write(out: Path, name: str, report: str, table: str) -> None:
+    """Prints `table` and writes `report` to out/name.json and `table` to out/name.md."""
+    print("\n" + table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(report)
+    (out / f"{name}.md").write_text(table + "\n")
+    print(f"\nwritten: {out / (name + '.json')}, {out / (name + '.md')}")

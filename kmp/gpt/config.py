@@ -10,13 +10,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import warnings
 
 from kmp.errors import UserError
-from kmp.faults import parse_faults
 from kmp.policy import CHOICES
-from kmp.recovery import SPIKE_FACTOR, SPIKE_WINDOW
 
 STRATEGIES = ("default", "mirrored")
+# Fields only a training run (`kmp pretrain`) reads: the measuring commands (bench, memory,
+# the diagnoses) leave them out of their --help.
+RUN_ONLY = ("jit", "strategy", "processes", "prompt", "samples", "resume", "val_every",
+            "val_batches", "recover", "max_skips", "spike_factor", "spike_window",
+            "recover_attempts", "recover_stretch", "inject_fault", "float8")
+# What a resumed run cannot change, and why (kmp.checkpoint.prepare_run).
+RESUME_FIXED = {
+    **{k: "model shape" for k in ("vocab_size", "num_layers", "num_heads", "hidden_dim",
+                                  "intermediate_dim", "seq_len")},
+    "grad_accum": "gradient accumulation (the optimizer and its learning-rate schedule count "
+                  "micro-batches)",
+    "corpus": "corpus (the data positions would read other text)",
+    "seed": "seed (the data order)",
+    "float8": "weights layout (float8 adds scale variables)",
+}
 
 
 def pad_vocab(size: int, multiple: int = 64) -> int:
@@ -49,7 +64,8 @@ class GPTConfig:
         learning_rate: float. Peak AdamW learning rate.
         weight_decay: float. AdamW weight decay (not on norms, biases or embeddings).
         grad_clip: float. Global gradient-norm clip (0: none).
-        warmup_steps: int. Linear warm-up before cosine decay.
+        warmup_steps: int. Linear warm-up before cosine decay (at most `steps`; a preset
+            run for fewer steps than its own keeps its warm-up's share of them).
         val_every: int. Steps between validation evaluations (and checkpoints); lowered to
             the largest divisor of `steps` below it (an error if that is under half).
         val_batches: int. Batches of held-out windows per validation.
@@ -58,6 +74,10 @@ class GPTConfig:
         logits: str. Where the tied vocabulary projection multiplies: "compute" (the compute
             dtype: float16/bfloat16 Tensor Cores or AMX; the loss upcasts the logits to
             float32) or "float32" (keras-hub's default under mixed policies).
+        remat: str. Rematerialization (gradient checkpointing, `keras.RematScope`): "none",
+            "blocks" (each transformer block keeps only its input for the backward pass and
+            recomputes the rest) or "full" (every layer). The same losses, more compute;
+            the memory saved is the compiler's to realize (docs/pretraining.md).
         strategy: str. "default" or "mirrored".
         processes: int. Worker processes training data-parallel on the JAX backend
             (`kmp.distributed`); 1: this process alone.
@@ -72,8 +92,10 @@ class GPTConfig:
             weights), roll back to the last checkpoint, skip the data that led there and
             retry, lowering the learning rate and then precision if it recurs
             (`kmp.recovery`).
-        max_skips: int. Consecutive skipped steps (loss scaling) that make an overflow storm:
-            recovered from, or without `recover` the run stops.
+        max_skips: int. Consecutive skipped optimizer steps (loss scaling) that make an
+            overflow storm: recovered from, or without `recover` the run stops. Under
+            `grad_accum` the scaler skips micro-batches: the budget is max_skips x grad_accum
+            consecutive skipped micro-batches.
         spike_factor: float. A step whose loss exceeds this times the median of the last
             `spike_window` steps is a spike.
         spike_window: int. Steps in that running median.
@@ -109,6 +131,7 @@ class GPTConfig:
     precision: str = "auto"
     jit: bool | None = None
     logits: str = "compute"
+    remat: str = "none"
     strategy: str = "default"
     processes: int = 1
     corpus: str = "stdlib"
@@ -120,8 +143,8 @@ class GPTConfig:
     resume: bool = False
     recover: bool = True
     max_skips: int = 20
-    spike_factor: float = SPIKE_FACTOR
-    spike_window: int = SPIKE_WINDOW
+    spike_factor: float = 1.5  # kmp.recovery.SPIKE_FACTOR (measured: docs/reliability.md)
+    spike_window: int = 50  # kmp.recovery.SPIKE_WINDOW
     recover_attempts: int = 4
     recover_stretch: int = 100
     float8: bool = False
@@ -151,6 +174,9 @@ class GPTConfig:
         if self.logits not in ("compute", "float32"):
             raise UserError(f"Unknown logits {self.logits!r}. Use one of: compute, float32.",
                             field="logits")
+        if self.remat not in ("none", "blocks", "full"):
+            raise UserError(f"Unknown remat {self.remat!r}. Use one of: none, blocks, full.",
+                            field="remat")
         if self.strategy not in STRATEGIES:
             raise UserError(
                 f"Unknown strategy {self.strategy!r}. Use one of: {', '.join(STRATEGIES)}.",
@@ -158,6 +184,10 @@ class GPTConfig:
         if self.processes < 1:
             raise UserError(f"processes must be >= 1. Received: {self.processes}",
                             field="processes")
+        if self.batch_size % self.processes:
+            raise UserError(f"batch_size {self.batch_size} (the global batch) does not split "
+                            f"over {self.processes} processes. Use a multiple of "
+                            f"{self.processes}.", field="batch_size")
         if self.processes > 1 and self.strategy == "mirrored":
             raise UserError("--strategy mirrored spreads one process over its local devices; "
                             "--processes already spreads the run over processes (one device "
@@ -174,28 +204,81 @@ class GPTConfig:
         if not self.spike_factor > 1:
             raise UserError(f"spike_factor must be > 1. Received: {self.spike_factor}",
                             field="spike_factor")
-        parse_faults(self.inject_fault)
-        if self.warmup_steps < 0:
-            raise UserError(f"warmup_steps must be >= 0. Received: {self.warmup_steps}",
-                            field="warmup_steps")
+        if self.inject_fault:
+            from kmp.faults import parse_faults  # loads Keras: only for a rehearsal
 
-    @property
-    def eval_interval(self) -> int:
-        """Steps between validations: the largest divisor of `steps` not above `val_every`."""
-        wanted = min(self.val_every, self.steps)
+            parse_faults(self.inject_fault)
+        for name, low in (("learning_rate", "> 0"), ("weight_decay", ">= 0"),
+                          ("grad_clip", ">= 0 (0: no clipping)")):
+            value = getattr(self, name)
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0))
+            if not ok:
+                raise UserError(f"{name} must be a finite number {low}. Received: "
+                                f"{name}={value!r}", field=name)
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+            raise UserError(f"warmup_steps must be an integer from 0 to steps ({self.steps}). "
+                            f"Received: warmup_steps={self.warmup_steps!r}. Give a shorter "
+                            "warm-up with the steps.",
+                            field="warmup_steps")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise UserError(f"seed must be an integer >= 0. Received: seed={self.seed!r}",
+                            field="seed")
+
+    def intervals(self, done: int = 0) -> tuple[int, int]:
+        """How the steps left after `done` split into validation intervals: (steps between
+        validations, how many), the interval the largest divisor of the steps left not
+        above `val_every`.
+
+        Raises:
+            UserError: when `done` reaches `steps`, or when no divisor is within half of
+                `val_every` (the validations could not be evenly spaced).
+
+        Example:
+        >>> GPTConfig(steps=250, val_every=100).intervals()
+        (50, 5)
+        >>> GPTConfig(steps=250, val_every=100).intervals(done=100)
+        (75, 2)
+        """
+        left = self.steps - done
+        if left < 1:
+            raise UserError(f"steps={self.steps}, but the run has already trained {done} "
+                            "steps. Raise steps to train on.", field="steps")
+        wanted = min(self.val_every, left)
         interval = wanted
-        while self.steps % interval:
+        while left % interval:
             interval -= 1
         if interval * 2 < wanted:
+            where = f"the {left} steps left after step {done}" if done else f"steps={left}"
             raise UserError(
-                f"steps={self.steps} has no divisor near val_every={self.val_every}, so the "
-                "validations cannot be evenly spaced. Pick steps as a multiple of val_every.",
-                field="steps")
-        return interval
+                f"{where} has no divisor near val_every={self.val_every}, so the validations "
+                "cannot be evenly spaced. Pick steps as a multiple of val_every.", field="steps")
+        return interval, left // interval
 
     def to_json(self) -> str:
         """The whole config as indented JSON (what a run saves as config.json)."""
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def from_json(data: dict, log=None) -> GPTConfig:
+    """A config from a saved config.json's fields: unknown fields (from another kmp version)
+    are left out with a warning naming them (through `log` when given, else `warnings`),
+    missing ones take the defaults.
+
+    Example:
+    >>> from_json({"steps": 20, "val_every": 10, "warmup_steps": 2}).steps
+    20
+    """
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        message = (f"config.json: ignoring field(s) this kmp does not know: "
+                   f"{', '.join(unknown)}")
+        if log is None:
+            warnings.warn(message, stacklevel=2)
+        else:
+            log(f"warning: {message}")
+    return GPTConfig(**{k: v for k, v in data.items() if k in fields})
 
 
 def _tiny():
@@ -245,7 +328,12 @@ def preset(name: str = "tiny", **overrides) -> GPTConfig:
     if unknown:
         raise UserError(f"Unknown config field(s): {', '.join(unknown)}. Use fields of "
                         "GPTConfig.")
-    return dataclasses.replace(PRESETS[name](), **overrides)
+    base = PRESETS[name]()
+    if "steps" in overrides and "warmup_steps" not in overrides:  # the preset's share of steps
+        steps = overrides["steps"]
+        if isinstance(steps, int) and 0 < steps < base.steps:
+            overrides["warmup_steps"] = round(base.warmup_steps * steps / base.steps)
+    return dataclasses.replace(base, **overrides)
 
 
 def _field_help() -> dict:

@@ -1,8 +1,9 @@
 """Corpus -> byte-level BPE tokenizer -> uint16 token cache -> batches of windows.
 
-The corpus is read once, a GPT-2-style byte-level BPE is trained on it with the `tokenizers`
-library, and the tokenized text is stored as two uint16 memmaps (train and validation) under a
-cache directory keyed by the corpus files and the vocabulary size, so later runs reuse both.
+A GPT-2-style byte-level BPE is trained on the corpus with the `tokenizers` library, and the
+tokenized text is stored as two uint16 memmaps (train and validation) under a cache directory
+keyed by the corpus files and the vocabulary size, so later runs reuse both. The corpus is
+streamed in pieces: building a cache takes memory that does not grow with the corpus.
 Training batches are random windows whose positions depend only on (seed, batch index): a
 resumed run sees exactly the batches an uninterrupted one would. Batches are served by a
 `keras.utils.PyDataset`, which every Keras backend's `fit` reads (no tf.data needed).
@@ -10,20 +11,22 @@ resumed run sees exactly the batches an uninterrupted one would. Batches are ser
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from kmp.checkpoint import write_bytes_atomic, write_json_atomic
+from kmp.checkpoint import write_json_atomic
 from kmp.errors import UserError
-from kmp.recovery import position
 
 EOT = "<|endoftext|>"
 # keras-hub pads prompts with id 0 and stops generating at the end token, so id 0 must not be
@@ -31,6 +34,8 @@ EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 VAL_EVERY_BLOCK = 20  # every 20th block of the token stream is validation data (5%)
 BLOCK_TOKENS = 8192
+CHUNK_CHARS = 1 << 20  # characters tokenized at a time: bounds the memory of a build
+MIN_VOCAB_SIZE = 258  # a byte-level BPE always holds 256 bytes, <|pad|> and <|endoftext|>
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -64,27 +69,77 @@ def corpus_files(spec: str) -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path]) -> tuple[list[str], int]:
-    """Reads each file as UTF-8; returns (non-empty documents, number of files skipped)."""
-    docs, skipped = [], 0
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            skipped += 1
-            continue
-        if "\x00" in text:  # binary file that happens to decode
-            skipped += 1
-        elif text.strip():
-            docs.append(text)
-    return docs, skipped
+def text_files(files: list[Path]) -> tuple[list[Path], int, int]:
+    """The files that are UTF-8 text, read in blocks (never a whole file at once).
 
+    Args:
+        files: list of Path. Candidate corpus files (e.g. from `corpus_files`).
 
-def train_tokenizer(docs: list[str], vocab_size: int, directory: Path) -> Path:
-    """Trains a GPT-2-style byte-level BPE on `docs`; writes vocab.json and merges.txt.
-
-    The vocabulary has at most `vocab_size` entries: id 0 is `<|pad|>`, id 1 `<|endoftext|>`.
+    Returns:
+        (files with text, number of files skipped as not UTF-8 text, characters in the files
+        with text). Files of only whitespace are neither kept nor counted as skipped.
     """
+    kept, skipped, characters = [], 0, 0
+    for path in files:
+        chars, blank = 0, True
+        try:
+            with open(path, encoding="utf-8") as f:
+                while (block := f.read(CHUNK_CHARS)) and "\x00" not in block:  # NUL: binary
+                    chars, blank = chars + len(block), blank and not block.strip()
+        except (UnicodeDecodeError, OSError):
+            block = "\x00"
+        skipped += bool(block)  # stopped before the end: not text
+        if not block and not blank:
+            kept.append(path)
+            characters += chars
+    return kept, skipped, characters
+
+
+def _cuttable(line: str, next_line: str) -> bool:
+    # Between a line ending "x\n" and one starting with "y" (x, y not whitespace), the
+    # pre-tokenizers of `tokenizers`' ByteLevel and keras-hub's GPT2Tokenizer (both its
+    # paths) always split, so text cut there tokenizes exactly as it does whole.
+    return (len(line) > 1 and line[-1] == "\n" and not line[-2].isspace() and line[-2] != "६"
+            and not next_line[0].isspace() and next_line[0] != "६")
+
+
+def document_pieces(files: list[Path], chunk_chars: int | None = None):
+    """Yields (text, last) for the files in order: each file's text in pieces of about
+    `chunk_chars` characters, cut only where tokenization splits anyway.
+
+    A file is read line by line and cut only between a line that ends in a non-space
+    character and one that starts with one, so its tokens are those of the whole text, and
+    memory holds one piece, not the corpus. A file without such a place is one piece.
+
+    Args:
+        files: list of Path. UTF-8 text files (see `text_files`).
+        chunk_chars: int or None. Characters at which a piece may end. Defaults to None:
+            `CHUNK_CHARS`.
+
+    Example:
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp(), "a.py")
+    >>> _ = path.write_text("x = 1\\ny = 2\\n")
+    >>> list(document_pieces([path], chunk_chars=4))
+    [('x = 1\\n', False), ('y = 2\\n', True)]
+    """
+    chunk_chars = chunk_chars or CHUNK_CHARS
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            piece, size = [], 0
+            for line in f:
+                if size >= chunk_chars and _cuttable(piece[-1], line):
+                    yield "".join(piece), False
+                    piece, size = [], 0
+                piece.append(line)
+                size += len(line)
+            yield "".join(piece), True
+
+
+def train_tokenizer(pieces, vocab_size: int, directory: Path) -> Path:
+    """Trains a GPT-2-style byte-level BPE on an iterable of texts; writes vocab.json and
+    merges.txt. It has at most `max(vocab_size, MIN_VOCAB_SIZE)` tokens (all 256 bytes are
+    always in it): id 0 is `<|pad|>`, id 1 `<|endoftext|>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -93,7 +148,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, directory: Path) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(docs, trainer, length=len(docs))
+    tok.train_from_iterator(pieces, trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tok.model.save(str(directory))
     return directory
@@ -128,8 +183,32 @@ class TokenCache:
     def val(self) -> np.ndarray:
         return np.memmap(self.directory / "val.bin", dtype=np.uint16, mode="r")
 
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's real vocabulary size: every token id is below it."""
+        return self.meta["vocab_size"]
+
     def tokenizer(self):
         return load_tokenizer(self.directory)
+
+
+def check_vocab(cache: TokenCache, vocab_size: int):
+    """Raises a UserError unless every token id of `cache` fits an embedding of `vocab_size`.
+
+    Args:
+        cache: TokenCache. The token cache.
+        vocab_size: int. The model's vocabulary (embedding) size.
+
+    Raises:
+        UserError: when the cache's tokenizer has more tokens than `vocab_size`.
+
+    Example:
+    >>> check_vocab(TokenCache(Path("."), {"vocab_size": 258}), 320)
+    """
+    if cache.vocab_size > vocab_size:
+        raise UserError(f"The tokenizer in {cache.directory} has {cache.vocab_size} tokens, more "
+                        f"than vocab_size {vocab_size}: its ids would fall outside the embedding. "
+                        f"Use a vocab_size of at least {cache.vocab_size}.", field="vocab_size")
 
 
 def _fingerprint(files, vocab_size) -> str:
@@ -140,61 +219,123 @@ def _fingerprint(files, vocab_size) -> str:
     return h.hexdigest()[:16]
 
 
-def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print) -> TokenCache:
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """A binary file written under a temporary name, fsynced and renamed: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _encode(tok, files, chunk_chars, out, progress=None):
+    """Tokenizes `files` into the open binary file `out` (uint16 ids, an end token after each
+    file), a batch of pieces of about `chunk_chars` characters at a time."""
+    eot, done, batch, size = np.array([tok.token_to_id(EOT)], np.uint16), 0, [], 0
+    for piece, last in itertools.chain(document_pieces(files, chunk_chars), [("", True)]):
+        if piece:
+            batch.append((piece, last))
+            size += len(piece)
+        if batch and (size >= chunk_chars or not piece):  # a full batch, or the end
+            rows = tok([text for text, _ in batch])
+            out.write(np.concatenate([a for row, (_, end) in zip(rows, batch) for a in
+                                      [np.asarray(row, np.uint16)] + [eot] * end]).tobytes())
+            done, batch, size = done + sum(end for _, end in batch), [], 0
+            if progress:
+                progress.update(done)
+
+
+def _split(tokens_path: Path, directory: Path, corpus: str) -> tuple[int, int]:
+    """Splits the token stream at `tokens_path` into train.bin and val.bin, every
+    VAL_EVERY_BLOCK-th block to val, a period of blocks at a time; returns their lengths."""
+    n = tokens_path.stat().st_size // 2
+    block = min(BLOCK_TOKENS, n // VAL_EVERY_BLOCK)
+    if block < 2:
+        raise UserError(f"Corpus {corpus!r} has only {n} tokens: too small to split into train "
+                        "and validation. Use a larger corpus.", field="corpus")
+    with open(tokens_path, "rb") as tokens, _atomic_file(directory / "train.bin") as train, \
+            _atomic_file(directory / "val.bin") as val:  # read, not mapped: RSS stays flat
+        cut = 2 * block * (VAL_EVERY_BLOCK - 1)  # bytes of a period's train blocks
+        while part := tokens.read(2 * block * VAL_EVERY_BLOCK):
+            train.write(part[:cut])
+            val.write(part[cut:])
+        val_tokens = val.tell() // 2
+    return n - val_tokens, val_tokens
+
+
+def build_token_cache(corpus: str, vocab_size: int, cache_dir, log=print,
+                      chunk_chars: int | None = None) -> TokenCache:
     """Returns the token cache for `corpus`, building it (tokenizer included) if needed.
+
+    The tokenizer trains on, and the cache is written from, pieces of about `chunk_chars`
+    characters (`document_pieces`): memory does not grow with the corpus. Files are written
+    under temporary names and renamed, meta.json last: a killed build is redone, never reused.
+    On a terminal a progress bar is drawn; elsewhere (a log file, a pipe) a line per stage.
 
     Args:
         corpus: str. A corpus spec for `corpus_files`.
-        vocab_size: int. BPE vocabulary size to train (at most this many tokens).
+        vocab_size: int. BPE vocabulary size to train (at most this many tokens), the model's
+            embedding size; at least `MIN_VOCAB_SIZE` (258).
         cache_dir: str or Path. Parent directory of the caches.
         log: callable. Where progress lines go. Defaults to print.
+        chunk_chars: int or None. Characters tokenized at a time. Defaults to None:
+            `CHUNK_CHARS` (1 Mi).
 
     Raises:
-        UserError: when the corpus names no file, when no file decodes as UTF-8 text, or
-            when the corpus is too small to split.
+        UserError: when vocab_size is below `MIN_VOCAB_SIZE`, when the corpus names no file,
+            when no file decodes as UTF-8 text, when the corpus is too small to split, or when
+            a cached tokenizer has more tokens than `vocab_size` (see `check_vocab`).
     """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"vocab_size {vocab_size} is below the minimum of {MIN_VOCAB_SIZE} for "
+                        "a byte-level BPE (256 bytes, <|pad|> and <|endoftext|>). Use a "
+                        f"vocab_size of at least {MIN_VOCAB_SIZE}.", field="vocab_size")
+    chunk_chars = chunk_chars or CHUNK_CHARS
     files = corpus_files(corpus)
     directory = Path(cache_dir).expanduser() / f"tokens-{_fingerprint(files, vocab_size)}"
     meta_path = directory / "meta.json"
     if meta_path.exists():
         cache = TokenCache(directory, json.loads(meta_path.read_text()))
+        check_vocab(cache, vocab_size)
         log(f"token cache: reusing {directory} ({cache.meta['train_tokens']:,} train / "
             f"{cache.meta['val_tokens']:,} val tokens)")
         return cache
-    docs, skipped = read_documents(files)
-    log(f"corpus: {corpus!r}: {len(files)} files, {len(docs)} read, {skipped} skipped "
-        f"(not UTF-8 text), {sum(map(len, docs)) / 1e6:.1f} M characters")
-    if not docs:
+    texts, skipped, characters = text_files(files)
+    log(f"corpus: {corpus!r}: {len(files)} files, {len(texts)} read, {skipped} skipped "
+        f"(not UTF-8 text), {characters / 1e6:.1f} M characters")
+    if not texts:
         raise UserError(f"Corpus {corpus!r} has no UTF-8 text ({len(files)} files, {skipped} "
                         "skipped). Use text files.", field="corpus")
     log(f"tokenizer: training a byte-level BPE with {vocab_size} tokens ...")
-    train_tokenizer(docs, vocab_size, directory)
+    train_tokenizer((text for text, _ in document_pieces(texts, chunk_chars)), vocab_size,
+                    directory)
     # Encode with keras-hub's tokenizer, the one sampling uses: it groups whitespace a little
     # differently from `tokenizers`' ByteLevel pre-tokenizer (e.g. "\n\n" is one piece).
     tok = load_tokenizer(directory)
-    eot = tok.token_to_id(EOT)
-    ids, progress = [], keras.utils.Progbar(len(docs), unit_name="file")
-    for i in range(0, len(docs), 64):
-        for row in tok(docs[i:i + 64]):
-            ids.extend(np.asarray(row).tolist())
-            ids.append(eot)
-        progress.update(min(i + 64, len(docs)))
-    tokens = np.asarray(ids, dtype=np.uint16)
-    block = min(BLOCK_TOKENS, len(tokens) // VAL_EVERY_BLOCK)
-    if block < 2:
-        raise UserError(f"Corpus {corpus!r} has only {len(tokens)} tokens: too small to split "
-                        "into train and validation. Use a larger corpus.", field="corpus")
-    blocks = np.arange(len(tokens)) // block
-    is_val = blocks % VAL_EVERY_BLOCK == VAL_EVERY_BLOCK - 1
-    write_bytes_atomic(directory / "train.bin", tokens[~is_val].tobytes())
-    write_bytes_atomic(directory / "val.bin", tokens[is_val].tobytes())
-    meta = {"corpus": corpus, "files": len(files), "documents": len(docs), "skipped": skipped,
-            "characters": sum(map(len, docs)), "vocab_size": tok.vocabulary_size(),
-            "train_tokens": int((~is_val).sum()), "val_tokens": int(is_val.sum())}
+    log(f"tokenizer: encoding {len(texts)} files ...")
+    tty = getattr(sys.stdout, "isatty", lambda: False)()  # where Progbar writes
+    progress = keras.utils.Progbar(len(texts), unit_name="file") if tty else None
+    tokens_path = directory / ".tokens.tmp"
+    try:
+        with open(tokens_path, "wb") as out:
+            _encode(tok, texts, chunk_chars, out, progress)
+        train_tokens, val_tokens = _split(tokens_path, directory, corpus)
+    finally:
+        tokens_path.unlink(missing_ok=True)
+    meta = {"corpus": corpus, "files": len(files), "documents": len(texts), "skipped": skipped,
+            "characters": characters, "vocab_size": tok.vocabulary_size(),
+            "train_tokens": train_tokens, "val_tokens": val_tokens}
+    cache = TokenCache(directory, meta)
+    check_vocab(cache, vocab_size)
     write_json_atomic(meta_path, meta)  # written last: marks the cache complete
-    log(f"token cache: {directory} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
-        f"tokens, {meta['characters'] / len(tokens):.2f} characters per token)")
-    return TokenCache(directory, meta)
+    log(f"token cache: {directory} ({train_tokens:,} train / {val_tokens:,} val tokens, "
+        f"{characters / (train_tokens + val_tokens):.2f} characters per token)")
+    return cache
 
 
 def _check_fits(tokens: np.ndarray, seq_len: int, split: str):
@@ -231,25 +372,28 @@ class Batches(keras.utils.PyDataset):
         seed: int. Seed of the window positions.
         start: int. Index of the first batch.
         stop: int. Index after the last batch.
-        skip: list of (first, last). Data positions left out of the stream (inclusive
-            windows, sorted): batch b reads position `kmp.recovery.position(b, skip)`.
-            Defaults to none.
+        position: callable or None. Batch index -> the data position it reads (the seed
+            of its windows): a run that leaves some positions out (a recovery's skipped
+            windows, `kmp.recovery.RecoveryPlan.position`) passes its mapping. Defaults to
+            None: batch b reads position b.
         rows: slice or None. This process's rows of every batch, in a run across processes
             (`kmp.distributed.shard`); the batches and their order are the global ones.
             Defaults to None: all rows.
     """
 
-    def __init__(self, tokens, seq_len, batch_size, seed, start, stop, skip=(), rows=None):
+    def __init__(self, tokens, seq_len, batch_size, seed, start, stop, position=None,
+                 rows=None):
         super().__init__()
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
-        self.start, self.stop, self.skip = start, stop, tuple(tuple(w) for w in skip)
+        self.start, self.stop, self.position = start, stop, position
         self.rows = rows or slice(None)
 
     def __len__(self):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        index = position(self.start + i, self.skip)
+        index = self.start + i
+        index = index if self.position is None else self.position(index)
         x, y = window_batch(self.tokens, self.seq_len, self.batch_size, self.seed, index)
         return _lm_inputs(x[self.rows]), y[self.rows]
 
@@ -270,12 +414,12 @@ class Windows(keras.utils.PyDataset):
 
 
 def train_dataset(cache: TokenCache, seq_len: int, batch_size: int, seed: int, start: int,
-                  stop: int, skip=(), rows=None) -> Batches:
+                  stop: int, position=None, rows=None) -> Batches:
     """Training batches `start` .. `stop - 1` (random windows) of the cache's train split,
-    leaving out the data positions in `skip`; `rows` of each (see `Batches`)."""
+    each reading the data `position` gives it; `rows` of each (see `Batches`)."""
     tokens = cache.train
     _check_fits(tokens, seq_len, "train")
-    return Batches(tokens, seq_len, batch_size, seed, start, stop, skip, rows)
+    return Batches(tokens, seq_len, batch_size, seed, start, stop, position, rows)
 
 
 def val_dataset(cache: TokenCache, seq_len: int, batch_size: int, max_batches: int,
@@ -283,12 +427,24 @@ def val_dataset(cache: TokenCache, seq_len: int, batch_size: int, max_batches: i
     """Consecutive, non-overlapping validation windows (at most `max_batches` batches).
 
     With `rows` (a process's share of each batch in a run across processes) only whole
-    batches are kept, and this process's rows of each."""
+    batches are kept, and this process's rows of each.
+
+    Raises:
+        UserError: when the split is shorter than one window, or, with `rows`, than one
+            batch of windows.
+    """
     tokens = np.asarray(cache.val)
     _check_fits(tokens, seq_len, "validation")
-    count = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
+    windows = (len(tokens) - 1) // seq_len
+    count = min(windows, batch_size * max_batches)
     if rows is not None and rows != slice(0, batch_size):
         count -= count % batch_size
+        if not count:
+            raise UserError(
+                f"The validation split has {len(tokens)} tokens: {windows} windows of seq_len "
+                f"{seq_len}, fewer than one batch of {batch_size}, the least a run across "
+                "processes evaluates. Use a larger corpus, or a smaller batch_size or seq_len.",
+                field="batch_size")
     windows = np.stack([tokens[i * seq_len:(i + 1) * seq_len + 1] for i in range(count)])
     windows = windows.astype(np.int32)
     if rows is not None and rows != slice(0, batch_size):

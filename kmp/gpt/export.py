@@ -16,6 +16,7 @@ format="litert")`, TensorFlow backend only). kmp adds what a trained run needs:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -25,11 +26,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-import kmp
 from kmp.checkpoint import write_bytes_atomic
 from kmp.errors import UserError
 from kmp.gpt import data
-from kmp.gpt.quantize import read_run, trained_model
+from kmp.gpt.run import open_run
 
 DTYPES = ("float32", "float16", "int8", "int8-dynamic")
 
@@ -69,11 +69,13 @@ def convert(model, path, seq_len: int, dtype: str = "float32", representative=No
     wrapped = _single_input(model, seq_len)
     logger, level = tf.get_logger(), tf.get_logger().level  # "Assets written to" lines
     logger.setLevel("ERROR")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wrapped.export(str(tmp), format="litert", verbose=False, input_signature=[
-            tf.TensorSpec((1, seq_len), tf.int32, name="token_ids")], **kwargs)
-    logger.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped.export(str(tmp), format="litert", verbose=False, input_signature=[
+                tf.TensorSpec((1, seq_len), tf.int32, name="token_ids")], **kwargs)
+    finally:
+        logger.setLevel(level)
     os.replace(tmp, path)
     return path.stat().st_size
 
@@ -112,14 +114,26 @@ def mean_loss(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.take_along_axis(log_probs, targets[..., None], axis=-1).mean())
 
 
+def record_path(out) -> Path:
+    """Where `export_run` writes the record of the .tflite file `out`: beside it, named after
+    it, so exports into one folder keep their own records.
+
+    Example:
+    >>> record_path("out/model-int8.tflite").name
+    'model-int8.export.json'
+    """
+    return Path(out).with_suffix(".export.json")
+
+
 def export_run(run, out, dtype: str = "float32", windows: int = 16,
                calibration_windows: int = 32, log=print) -> dict:
     """Exports a finished run to LiteRT and compares the file with Keras on validation data.
 
-    Writes `out` (the .tflite file) and `export.json` beside it: size_bytes,
-    max_abs_logit_diff (file vs the float32 Keras model it came from), val_loss in Keras
-    (float32 rebuild and, for a mixed run, the policy it trained under) and in LiteRT, over
-    the first `windows` validation windows.
+    Writes `out` (the .tflite file) and its record beside it, named after it (`record_path`:
+    gpt.tflite's is gpt.export.json): size_bytes, max_abs_logit_diff (file vs the float32
+    Keras model it came from), val_loss in Keras (float32 rebuild and, for a mixed or float8
+    run, the model as it trained) and in LiteRT, over the first `windows` validation windows.
+    The global dtype policy and TensorFlow's log level are left as they were.
 
     Args:
         run: str or Path. A `kmp pretrain` --out directory (only read).
@@ -130,7 +144,7 @@ def export_run(run, out, dtype: str = "float32", windows: int = 16,
         log: callable. Where progress lines go.
 
     Returns:
-        The dict written to export.json.
+        The dict written to the record.
 
     Raises:
         UserError: for a directory that is not a finished run, another backend, or bad
@@ -146,35 +160,65 @@ def export_run(run, out, dtype: str = "float32", windows: int = 16,
                         field="dtype")
     if out.suffix != ".tflite":
         raise UserError(f"The LiteRT file must end in .tflite. Received: {out}", field="out")
-    config, policy = read_run(run)
-    cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir, log=log)
-    val = data.val_dataset(cache, config.seq_len, 1, windows)
+    run = open_run(run, log=log)
+    config, policy = run.config, run.policy
+    val = data.val_dataset(run.cache(), config.seq_len, 1, windows)
     inputs = np.stack([val[i][0]["token_ids"][0] for i in range(len(val))])
     targets = np.stack([val[i][1][0] for i in range(len(val))])
 
-    def keras_logits(under):
-        model = kmp.harden(trained_model(config, run / "model.keras", under))
-        return model, np.concatenate([
+    def keras_logits(model):
+        return np.concatenate([
             keras.ops.convert_to_numpy(model.predict_on_batch(
                 {"token_ids": x[None], "padding_mask": np.ones_like(x[None])})).astype(
                 np.float32) for x in inputs])
 
-    result = {"run": str(run), "policy": policy, "dtype": dtype, "windows": len(inputs)}
-    if policy != "float32":
-        result["keras_policy_val_loss"] = mean_loss(keras_logits(policy)[1], targets)
-    model, reference = keras_logits("float32")
+    result = {"run": str(run.dir), "policy": policy, "float8": run.float8, "dtype": dtype,
+              "windows": len(inputs)}
+    if policy != "float32" or run.float8:  # the model as it trained
+        result["keras_policy_val_loss"] = mean_loss(
+            keras_logits(run.model(preprocessor=False)), targets)
+    model = run.model("float32", float8=False, preprocessor=False)  # what the file stores
+    reference = keras_logits(model)
     calibration = np.concatenate([
-        data.window_batch(cache.train, config.seq_len, config.batch_size, config.seed, i)[0]
+        data.window_batch(run.cache().train, config.seq_len, config.batch_size, config.seed, i)[0]
         for i in range(-(-calibration_windows // config.batch_size))])[:calibration_windows]
     out.parent.mkdir(parents=True, exist_ok=True)
     log(f"export: converting to {out} ({dtype})")
     result["size_bytes"] = convert(model, out, config.seq_len, dtype, calibration)
-    kmp.set_policy(policy)
     runner = interpreter(out)
     logits = run_file(runner, inputs)
     result.update(interpreter=type(runner).__module__.split(".")[0],
         max_abs_logit_diff=float(np.abs(logits - reference).max()),
         keras_val_loss=mean_loss(reference, targets), litert_val_loss=mean_loss(logits, targets))
     result["litert_perplexity"] = math.exp(result["litert_val_loss"])
-    write_bytes_atomic(out.with_name("export.json"), json.dumps(result, indent=2).encode())
+    write_bytes_atomic(record_path(out), json.dumps(result, indent=2).encode())
     return result
+
+
+def main(argv) -> int:
+    """`kmp export`: parses `argv` (the arguments after the command) and runs it."""
+    parser = argparse.ArgumentParser(
+        prog="kmp export", description="Export a finished `kmp pretrain` run to a LiteRT "
+        "(TFLite) file for devices (TensorFlow backend), run the file in the LiteRT "
+        "interpreter on validation windows and write its record beside it "
+        "(NAME.export.json): size, largest logit difference against Keras, validation loss "
+        "in Keras and in LiteRT.")
+    parser.add_argument("--run", required=True, metavar="DIR", help="the run's --out directory")
+    parser.add_argument("--format", default="litert", choices=["litert"],
+                        help="the file format (litert, formerly TFLite)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32, float16, int8 (activations too, calibrated on the run's "
+                        "training tokens) or int8-dynamic (weights only) (default float32)")
+    parser.add_argument("--out", required=True, metavar="FILE.tflite", help="the file to write")
+    parser.add_argument("--windows", type=int, default=16,
+                        help="validation windows to compare on (default 16)")
+    opts = parser.parse_args(argv)
+    if opts.windows < 1:
+        raise UserError(f"windows must be >= 1. Received: {opts.windows}", field="windows")
+    r = export_run(opts.run, opts.out, opts.dtype, opts.windows)
+    print(f"{opts.out}: {r['size_bytes'] / 1e6:.2f} MB ({r['dtype']}); over {r['windows']} "
+          f"validation windows: loss {r['litert_val_loss']:.4f} in LiteRT, "
+          f"{r['keras_val_loss']:.4f} in Keras; largest logit difference "
+          f"{r['max_abs_logit_diff']:.3g}")
+    print(f"written: {opts.out}, {record_path(opts.out)}")
+    return 0

@@ -10,9 +10,11 @@ training longer.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
+import numbers
 import sys
 import tempfile
 from pathlib import Path
@@ -24,39 +26,42 @@ from kmp import qat
 from kmp.checkpoint import write_bytes_atomic
 from kmp.errors import UserError
 from kmp.gpt import data
-from kmp.gpt.config import GPTConfig
 from kmp.gpt.model import lm_loss, load_model, make_optimizer
-from kmp.gpt.quantize import quantize, read_run, save, trained_model, val_loss
+from kmp.gpt.quantize import quantize_model, save, val_loss
+from kmp.gpt.run import open_run
 
 
-def _int4(config: GPTConfig, policy: str, weights, val_ds, block_size: int):
-    """Keras's int4 quantization of `weights`, islands in, and its validation loss."""
-    model = kmp.harden(quantize(trained_model(config, weights, policy), "int4",
-                                group_size=block_size))
+def _int4(run, val_ds, block_size: int, weights=None):
+    """Keras's int4 quantization of the run's float weights (or `weights`, a fine-tuned
+    copy), islands in, and its validation loss."""
+    model = kmp.harden(quantize_model(run.model(float8=False, islands=False, preprocessor=False,
+                                          weights=weights), "int4", group_size=block_size))
     return model, val_loss(model, val_ds)
 
 
-def _fine_tune(config: GPTConfig, policy: str, run: Path, cache, val_ds, steps: int, lr: float,
-               fake: bool, points: int, block_size: int, log):
-    """Trains the run's model `steps` more steps (fake-quantized when `fake`); returns it
-    (float weights) and [(step, val_loss)] taken `points` times along the way."""
+def _fine_tune(run, val_ds, steps: int, lr: float, fake: bool, points: int, block_size: int,
+               log):
+    """Trains the run's model `steps` more steps (fake-quantized when `fake`) on windows it
+    never read; returns it (float weights) and [(step, val_loss)] taken `points` times along
+    the way."""
+    config = run.config
     keras.utils.set_random_seed(config.seed)
-    model = trained_model(config, run / "model.keras", policy)
+    model = run.model(float8=False, islands=False, preprocessor=False)
     if fake:
         qat.enable(model, "int4", block_size)
     tuned = dataclasses.replace(config, steps=steps, warmup_steps=0, learning_rate=lr)
-    precision = kmp.set_policy(policy)
+    precision = kmp.set_policy(run.policy)
     kmp.compile(model, make_optimizer(tuned, model), loss=lm_loss(), weighted_metrics=[],
                 jit_compile=precision.jit_compile if config.jit is None else config.jit)
-    accum, first = config.grad_accum, config.steps * config.grad_accum  # unread windows
+    accum, first = config.grad_accum, run.steps_read  # past every window the run read
     bounds = [round(steps * k / points) for k in range(points + 1)]
     label = "qat int4" if fake else "control (float)"
     curve = [(0, _evaluate(model, val_ds))]
     for start, stop in zip(bounds, bounds[1:]):
         if stop == start:
             continue
-        batches = data.train_dataset(cache, config.seq_len, config.batch_size, config.seed,
-                                     first + start * accum, first + stop * accum)
+        batches = data.train_dataset(run.cache(), config.seq_len, config.batch_size,
+                                     config.seed, first + start * accum, first + stop * accum)
         model.fit(batches, epochs=1, shuffle=False, verbose=1 if sys.stdout.isatty() else 0)
         curve.append((stop, _evaluate(model, val_ds)))
         log(f"finetune: {label} step {stop}/{steps}: val loss "
@@ -76,8 +81,11 @@ def finetune_run(run, out=None, mode: str = "int4", steps: int = 200, learning_r
                  log=print) -> dict:
     """Quantization-aware fine-tuning of a finished run, priced against PTQ and a control.
 
-    Writes `out/qat-int4.keras` (load it with `kmp.gpt.load_model`), `out/finetune.json`,
-    `out/finetune.md` and `out/finetune.png`. The run itself is only read.
+    Writes `out/qat-int4.keras` (load it with `kmp.gpt.load_model`; it holds the run's
+    tokenizer, so it generates from text), `out/finetune.json`, `out/finetune.md` and
+    `out/finetune.png`. The run itself is only read. Fine-tuning reads the training windows
+    after the last one the run read (`FinishedRun.steps_read`, a recovery's skipped windows
+    counted); a float8 run is fine-tuned from its float weights.
 
     Args:
         run: str or Path. A `kmp pretrain` --out directory.
@@ -95,50 +103,58 @@ def finetune_run(run, out=None, mode: str = "int4", steps: int = 200, learning_r
         The dict written to finetune.json.
 
     Raises:
-        UserError: for a directory that is not a finished run, or bad arguments.
+        UserError: for a directory that is not a finished run, or bad arguments (an
+            unknown mode, steps or points below 1, a learning rate not finite and > 0).
     """
-    run = Path(run).expanduser()
-    config, policy = read_run(run)
     if mode not in qat.MODES:
         raise UserError(f"Unknown QAT mode {mode!r}. Use one of: {', '.join(qat.MODES)}.",
                         field="qat")
-    if steps < 1 or points < 1:
-        raise UserError(f"steps and points must be >= 1. Received: steps={steps}, "
-                        f"points={points}", field="steps")
-    out = Path(out).expanduser() if out else run.with_name(f"{run.name}-qat-{mode}")
-    if out.resolve() == run.resolve():
+    for name, value in (("steps", steps), ("points", points)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name} must be a positive integer. Received: {name}={value!r}",
+                            field=name)
+    if learning_rate is not None and not (
+            isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool)
+            and math.isfinite(learning_rate) and learning_rate > 0):
+        raise UserError(f"learning_rate must be a finite number > 0. Received: learning_rate="
+                        f"{learning_rate!r}", field="learning_rate")
+    run = open_run(run, log=log)
+    config, policy = run.config, run.policy
+    out = Path(out).expanduser() if out else run.dir.with_name(f"{run.dir.name}-qat-{mode}")
+    if out.resolve() == run.dir.resolve():
         raise UserError(f"--out {out} is the run itself; QAT writes elsewhere.", field="out")
     lr = learning_rate if learning_rate is not None else config.learning_rate / 10
     out.mkdir(parents=True, exist_ok=True)
-    cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir, log=log)
-    val_ds = data.val_dataset(cache, config.seq_len, config.batch_size, config.val_batches)
+    val_ds = data.val_dataset(run.cache(), config.seq_len, config.batch_size,
+                              config.val_batches)
     block_size = min(block_size, config.hidden_dim)
 
-    source_loss = val_loss(kmp.harden(trained_model(config, run / "model.keras", policy)), val_ds)
-    _, ptq_loss = _int4(config, policy, run / "model.keras", val_ds, block_size)
-    log(f"finetune: source {source_loss:.4f}, int4 PTQ {ptq_loss:.4f}")
-    result = {"run": str(run), "policy": policy, "mode": mode, "steps": steps,
-              "learning_rate": lr, "block_size": block_size,
+    source_loss = val_loss(run.model(preprocessor=False), val_ds)  # as it was trained
+    _, ptq_loss = _int4(run, val_ds, block_size)
+    log(f"finetune: source {source_loss:.4f}, int4 PTQ {ptq_loss:.4f}"
+        + (" (fine-tuning the float weights: the run trained in float8)" if run.float8 else ""))
+    result = {"run": str(run.dir), "policy": policy, "float8": run.float8, "mode": mode,
+              "steps": steps, "learning_rate": lr, "block_size": block_size,
+              "first_position": run.steps_read,
               "source_val_loss": source_loss, "ptq_val_loss": ptq_loss}
+    path = out / f"qat-{mode}.keras"
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "tuned.weights.h5"
-        tuned, curve = _fine_tune(config, policy, run, cache, val_ds, steps, lr, True, points,
-                                  block_size, log)
+        tuned, curve = _fine_tune(run, val_ds, steps, lr, True, points, block_size, log)
         tuned.save_weights(weights)
-        model, qat_loss = _int4(config, policy, weights, val_ds, block_size)
-        result.update(qat_val_loss=qat_loss, qat_float_val_loss=val_loss(
-            kmp.harden(trained_model(config, weights, policy)), val_ds), qat_curve=curve)
-        save(model, out / f"qat-{mode}.keras")
-        result["reload_val_loss"] = val_loss(load_model(out / f"qat-{mode}.keras"), val_ds)
-        result["size_bytes"] = (out / f"qat-{mode}.keras").stat().st_size
+        model, qat_loss = _int4(run, val_ds, block_size, weights)
+        result.update(qat_val_loss=qat_loss, qat_float_val_loss=val_loss(run.model(
+            float8=False, preprocessor=False, weights=weights), val_ds), qat_curve=curve)
+        with run.preprocessor_attached(model):  # the file generates from text
+            save(model, path)
+        result["reload_val_loss"] = val_loss(load_model(path, preprocessor=False), val_ds)
+        result["size_bytes"] = path.stat().st_size
         if control:
-            tuned, _ = _fine_tune(config, policy, run, cache, val_ds, steps, lr, False, 1,
-                                  block_size, log)
+            tuned, _ = _fine_tune(run, val_ds, steps, lr, False, 1, block_size, log)
             tuned.save_weights(weights)
-            result["control_float_val_loss"] = val_loss(
-                kmp.harden(trained_model(config, weights, policy)), val_ds)
-            result["control_int4_val_loss"] = _int4(config, policy, weights, val_ds,
-                                                    block_size)[1]
+            result["control_float_val_loss"] = val_loss(run.model(
+                float8=False, preprocessor=False, weights=weights), val_ds)
+            result["control_int4_val_loss"] = _int4(run, val_ds, block_size, weights)[1]
     result.update(recovered(result))
     write_bytes_atomic(out / "finetune.json", json.dumps(result, indent=2).encode())
     write_bytes_atomic(out / "finetune.md", table(result).encode())
@@ -216,3 +232,30 @@ def plot(result: dict, path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def main(argv) -> int:
+    """`kmp finetune`: parses `argv` (the arguments after the command) and runs it."""
+    parser = argparse.ArgumentParser(
+        prog="kmp finetune", description="Quantization-aware fine-tuning of a finished `kmp "
+        "pretrain` run: train on with fake-quantized int4 weights (straight-through "
+        "gradients), quantize for real, and measure how much of int4's perplexity gap it "
+        "recovers against post-training quantization and a float fine-tune of the same steps.")
+    parser.add_argument("--run", required=True, metavar="DIR", help="the run's --out directory")
+    parser.add_argument("--qat", default="int4", help="the quantization to train for: int4")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps (default 200)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (default: a tenth of the run's)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="where results go (default: <run>-qat-<mode> beside the run)")
+    parser.add_argument("--points", type=int, default=4,
+                        help="validation points along the fine-tuning (default 4)")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the float fine-tune that QAT is compared with")
+    opts = parser.parse_args(argv)
+    result = finetune_run(opts.run, opts.out, opts.qat, opts.steps, opts.lr,
+                          not opts.no_control, opts.points)
+    out = opts.out or f"{opts.run.rstrip('/')}-qat-{opts.qat}"
+    print(table(result))
+    print(f"written: {out}/finetune.json, finetune.md, finetune.png, qat-{opts.qat}.keras")
+    return 0

@@ -10,14 +10,22 @@ Activations use Korthikanti et al. 2022 (eq. 2, no recomputation, no parallelism
 s·b·h·(34 + 5·a·s/h) bytes per layer with 16-bit activations, doubled for float32, plus the
 vocabulary logits, which reach the loss in float32 (b·s·V·4 bytes, and as many again for the
 softmax the loss keeps for the backward pass).
+
+`state_bytes` counts a built model's resident bytes (its variables and its optimizer's) the way
+the estimate's parameters + optimizer do; `kmp bench` uses it for a run's own GPU peak.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
+import re
+
+import keras
 
 from kmp.errors import UserError
-from kmp.gpt.config import GPTConfig
+from kmp.gpt.config import GPTConfig, add_arguments, from_args
 from kmp.gpt.model import param_count
 from kmp.policy import POLICIES
 
@@ -85,3 +93,61 @@ def memory_table(config: GPTConfig, measured: dict | None = None) -> str:
             row += (f" {peak / 2**30:.3f} | {est.total / peak:.2f} |" if peak else " - | - |")
         lines.append(row)
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """`kmp memory`: parses its options from `argv` and prints the config's estimate by policy
+    (with --measure, beside the GPU's measured peaks).
+
+    Args:
+        argv: list of str. The options after `kmp memory`.
+
+    Returns:
+        0.
+
+    Raises:
+        UserError: for --measure on a machine without a GPU, or a bad config option.
+    """
+    from kmp.gpt.config import RUN_ONLY
+
+    parser = argparse.ArgumentParser(
+        prog="kmp memory", description="Estimate training memory of a GPT preset by policy "
+        "(Korthikanti et al. 2022 activations, 16 bytes/param model states).")
+    add_arguments(parser, exclude={"precision", "steps", "warmup_steps", "learning_rate",
+                                   "weight_decay", "grad_clip", "dropout", "out", *RUN_ONLY})
+    parser.add_argument("--measure", action="store_true", help="also train a few steps under "
+                        "each policy (XLA on) and print the GPU's measured peak beside the "
+                        "estimate (needs a GPU)")
+    opts = parser.parse_args(argv)
+    config = from_args(opts)
+    measured = None
+    if opts.measure:
+        from kmp import backends
+        from kmp.gpt import bench
+
+        if backends.gpu_memory() is None:
+            raise UserError("kmp memory --measure reads the GPU's peak memory and this "
+                            "machine has no GPU. Drop --measure for the estimate alone.")
+        runs = bench.benchmark(config, POLICIES, xla=(True,), chunk=2, repeats=1, warmup=1)
+        measured = {run.policy: run.peak_memory for run in runs}
+    print(f"{config.preset}: {config.num_layers} layers x {config.hidden_dim}, vocabulary "
+          f"{config.vocab_size}, batch {config.batch_size} x {config.seq_len} tokens per device"
+          f"{f', gradient accumulation {config.grad_accum}' if config.grad_accum > 1 else ''}")
+    print(memory_table(config, measured))
+    return 0
+
+
+def _itemsize(dtype) -> int:
+    bits = re.search(r"\d+", keras.backend.standardize_dtype(dtype))
+    return int(bits.group()) // 8 if bits else 1  # bool
+
+
+def state_bytes(model) -> int:
+    """Bytes of a model's variables and its optimizer's (what it keeps on the device between
+    steps)."""
+    seen, total = set(), 0
+    for v in [*model.variables, *getattr(model.optimizer, "variables", [])]:
+        if id(v) not in seen:
+            seen.add(id(v))
+            total += math.prod(v.shape) * _itemsize(v.dtype)
+    return total

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import keras
 import keras_hub
 from keras import ops
 
-from kmp._keras import flatten_layers, restore_int4_reverse_inputs
+from kmp._keras import flatten_layers, replace_sublayer, restore_int4_reverse_inputs
+from kmp.errors import UserError
 from kmp.gpt.config import GPTConfig
 from kmp.hardware import detect
 from kmp.layers import harden
@@ -81,25 +83,123 @@ def build_model(config: GPTConfig, float32_residual: bool = False):
     policy keras-hub multiplies the tied vocabulary projection in float32 (its embedding is not
     autocast); with `config.logits == "compute"` it runs in the compute dtype instead, as
     Megatron-LM does, and the loss upcasts the logits to float32 before the softmax. Both
-    choices are saved with the model (`GPTBackbone`).
+    choices are saved with the model (`GPTBackbone`). `config.remat` builds the backbone
+    inside a `keras.RematScope` (each transformer block, or every layer, recomputed for the
+    backward pass); that is not saved: a loaded model rematerializes nothing.
 
     Args:
-        config: GPTConfig. The model's shape; `seq_len` is its maximum sequence length.
+        config: GPTConfig. The model's shape; `seq_len` is its maximum sequence length, and
+            `remat` what to rematerialize.
         float32_residual: bool. A float32 residual stream. Defaults to False.
 
     Returns:
         A `GPTCausalLM` (keras-hub's GPT2CausalLM) without a preprocessor.
+
+    Raises:
+        UserError: for `remat` with dropout (see `_check_remat`).
     """
+    _check_remat(config)
     compute = keras.config.dtype_policy().compute_dtype
-    backbone = GPTBackbone(
-        vocabulary_size=config.vocab_size, num_layers=config.num_layers,
-        num_heads=config.num_heads, hidden_dim=config.hidden_dim,
-        intermediate_dim=config.intermediate_dim, dropout=config.dropout,
-        max_sequence_length=config.seq_len,
-        logits_dtype=compute if config.logits == "compute" and compute != "float32" else None,
-        float32_residual=float32_residual,
-    )
+    with _remat_scope(config):
+        backbone = GPTBackbone(
+            vocabulary_size=config.vocab_size, num_layers=config.num_layers,
+            num_heads=config.num_heads, hidden_dim=config.hidden_dim,
+            intermediate_dim=config.intermediate_dim, dropout=config.dropout,
+            max_sequence_length=config.seq_len,
+            logits_dtype=compute if config.logits == "compute" and compute != "float32" else None,
+            float32_residual=float32_residual,
+        )
+    for layer in flatten_layers(backbone, include_self=True):
+        if layer._remat_mode is not None:  # Keras 3.15.1: the scope's mode, kept per layer
+            _remat_tensors_only(layer)
     return GPTCausalLM(backbone=backbone, preprocessor=None, compile=False)
+
+
+def _check_remat(config: GPTConfig) -> None:
+    """Refuses rematerialized dropout, which Keras 3.15.1 gets wrong (measured on a micro GPT):
+    the recomputation draws its own masks, so the gradients belong to other masks than the
+    forward pass's (TensorFlow: per-step losses 2e-4 to 7e-4 off those without remat; torch:
+    off from the first step) or the dropout seed's update escapes `jax.checkpoint` (JAX:
+    UnexpectedTracerError)."""
+    if config.remat != "none" and config.dropout > 0:
+        raise UserError(
+            f"remat={config.remat!r} with dropout={config.dropout} is not supported (the "
+            "recomputed pass would not see the same dropout masks). Use dropout=0 or "
+            "remat='none'.", field="remat")
+
+
+def _remat_scope(config: GPTConfig):
+    """The `keras.RematScope` of `config.remat` (a no-op for "none"); layers take its mode when
+    they are created. "blocks" names keras-hub's transformer blocks (`transformer_layer_{i}`
+    in `GPT2Backbone`)."""
+    if config.remat == "none":
+        return contextlib.nullcontext()
+    if config.remat == "blocks":
+        names = [f"transformer_layer_{i}" for i in range(config.num_layers)]
+        return keras.RematScope(mode="list_of_layers", layer_names=names)
+    return keras.RematScope(mode="full")
+
+
+def _remat_tensors_only(layer):
+    """Makes `layer`'s rematerialized call checkpoint a function of its floating-point tensor
+    arguments only, the others (`training=True`, `use_causal_mask=True`, None, the integer
+    padding mask, which has no gradient) bound in a closure.
+
+    Keras 3.15.1 hands the layer's whole call, keyword arguments included, to the backend's
+    remat: TensorFlow's `tf.recompute_grad` refuses keyword arguments in graph mode
+    ("custom_gradient ... keywords arguments only when eager execution is enabled",
+    keras-team/keras#21207) and `jax.checkpoint` traces a Python bool into an array, which an
+    `if training:` cannot branch on; `tf.recompute_grad` also warns for every integer
+    tensor it is given to watch. Keras still decides which layers rematerialize
+    (`Layer.rematerialized_call`) and does it (`keras.remat`).
+    """
+    keras_call = layer.rematerialized_call
+
+    def rematerialized_call(layer_call, *args, **kwargs):
+        if keras_call(layer_call, *args, **kwargs) is layer_call:  # not this layer
+            return layer_call
+
+        def call(*args, **kwargs):
+            structure = (args, kwargs)
+            leaves = keras.tree.flatten(structure)
+            where = [i for i, leaf in enumerate(leaves) if ops.is_tensor(leaf)
+                     and keras.backend.is_float_dtype(leaf.dtype)]
+
+            def on_tensors(*tensors):
+                filled = list(leaves)
+                for i, tensor in zip(where, tensors):
+                    filled[i] = tensor
+                args, kwargs = keras.tree.pack_sequence_as(structure, filled)
+                return layer_call(*args, **kwargs)
+
+            return keras.remat(on_tensors)(*(leaves[i] for i in where))
+
+        return call
+
+    layer.rematerialized_call = rematerialized_call
+
+
+def use_float8(model):
+    """Makes every Dense/EinsumDense of a built `model` train in float8: Keras's delayed
+    scaling (`model.quantize("float8")`: e4m3 forward, e5m2 gradients, scales from an amax
+    history), simulated where the hardware has no float8 matmuls. Call before compiling.
+    Returns the model.
+
+    Raises:
+        UserError: for a model built with `remat`: the recomputed pass updates the float8
+            scales' amax histories again (per-step losses measured 5e-5 to 5e-3 off those
+            without remat on JAX and TensorFlow).
+    """
+    if any(layer._remat_mode is not None for layer in flatten_layers(model)):
+        raise UserError("float8 training of a model built with remat is not supported (the "
+                        "recomputed pass would update the float8 scales twice). Use "
+                        "remat='none' or no float8.", field="remat")
+    with warnings.catch_warnings():
+        # Keras names every layer it has nothing to quantize in.
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        warnings.filterwarnings("ignore", message="Invalid quantization mode")
+        model.quantize("float8")
+    return model
 
 
 def param_count(config: GPTConfig, position_embeddings: bool = True) -> int:
@@ -227,7 +327,7 @@ def make_optimizer(config: GPTConfig, model, lr_windows=()) -> keras.optimizers.
     return optimizer
 
 
-def load_model(path):
+def load_model(path, preprocessor: bool = True):
     """Loads a recipe's `model.keras` (safe mode), FP32 islands put back in; also the quantized
     models `kmp quantize` writes.
 
@@ -237,9 +337,12 @@ def load_model(path):
 
     Args:
         path: str or Path. A `model.keras` written by `kmp pretrain`.
+        preprocessor: bool. Keep the preprocessor (tokenizer) the file holds, so `generate`
+            takes text; False detaches it, so `fit`/`evaluate`/`predict` take token windows.
+            Defaults to True.
 
     Returns:
-        A `GPTCausalLM` with its preprocessor (tokenizer) attached.
+        A `GPTCausalLM`, with the file's preprocessor attached when `preprocessor`.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*compile.*custom", category=UserWarning)
@@ -247,4 +350,6 @@ def load_model(path):
         model = keras.saving.load_model(path, safe_mode=True)
     restore_int4_reverse_inputs(model)  # a Keras reload difference (kmp quantize's int4)
     harden(model)
+    if not preprocessor:
+        replace_sublayer(model, "preprocessor", None)
     return model

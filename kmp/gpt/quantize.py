@@ -9,7 +9,10 @@ adds what a trained run needs around it, and works around what breaks:
   feature's group as `i / group_size`, a fraction that half precision rounds up into the next
   group (feature 511 of groups of 128 reads group 4 of 0-3 under bfloat16, and calibration
   fails);
-- GPTQ and AWQ calibrate on windows of the run's own training tokens;
+- GPTQ and AWQ calibrate, on exactly the windows of the run's own training tokens kmp gives
+  them: in Keras 3.15.1 their hooks never see an activation (both give round-to-nearest
+  kernels), GPTQ propagates its rounding errors through the wrong inverse Hessian, and the
+  windows are cut anew at an offset salted per process (`kmp._keras.gptq_awq_calibration`);
 - saved models that reload to what was measured (`kmp._keras.gptq_awq_saveable`,
   `kmp._keras.restore_int4_reverse_inputs`, applied by `save` and `kmp.gpt.load_model`).
 
@@ -19,6 +22,8 @@ adds what a trained run needs around it, and works around what breaks:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,12 +36,12 @@ import keras
 import numpy as np
 
 import kmp
-from kmp._keras import gptq_awq_saveable
+from kmp._keras import gptq_awq_calibration, gptq_awq_saveable
 from kmp.checkpoint import write_bytes_atomic
 from kmp.errors import UserError
 from kmp.gpt import data
-from kmp.gpt.config import GPTConfig
-from kmp.gpt.model import build_model, lm_loss, load_model
+from kmp.gpt.model import lm_loss, load_model
+from kmp.gpt.run import open_run
 
 MODES = ("int8", "int4", "gptq", "awq")
 GROUP_SIZE = 128  # int4 group size of GPTQ/AWQ, and Keras's default for int4
@@ -86,16 +91,20 @@ def compute_policy(policy: str, mode: str) -> str:
     return "float32" if half_fails else policy
 
 
-def quantize(model, mode: str, calibration=None, tokenizer=None, group_size=GROUP_SIZE):
+def quantize_model(model, mode: str, calibration=None, tokenizer=None, group_size=GROUP_SIZE):
     """Quantizes `model` in place with Keras's `Model.quantize`.
 
     Args:
         model: a built Keras model (a kmp GPT for "gptq"/"awq").
-        mode: str. One of `MODES`, or "float8" (for training: `quantize_float8`).
-        calibration: int array (samples, seq_len) of token ids, for "gptq"/"awq".
+        mode: str. One of `MODES`.
+        calibration: int array (samples, seq_len) of token ids, for "gptq"/"awq": the
+            windows they calibrate on, as they are.
         tokenizer: the run's tokenizer, which Keras's GPTQ/AWQ configs require.
         group_size: int. Weights per int4 group for "int4"/"gptq"/"awq" (at most the model
             width for "gptq"/"awq").
+
+    Returns:
+        `model`.
     """
     config = None
     if mode in ("gptq", "awq"):
@@ -108,18 +117,21 @@ def quantize(model, mode: str, calibration=None, tokenizer=None, group_size=GROU
                               sequence_length=calibration.shape[1], group_size=group_size)
     elif mode == "int4":
         config = keras.quantizers.Int4QuantizationConfig(block_size=group_size)
-    with warnings.catch_warnings():  # Keras names every layer it has nothing to quantize in
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        warnings.filterwarnings("ignore", message="Invalid quantization mode")
-        model.quantize(mode, config=config)
+    calibrating = (gptq_awq_calibration(calibration) if mode in ("gptq", "awq")
+                   else contextlib.nullcontext())
+    interactive = keras.config.is_interactive_logging_enabled()
+    if mode in ("gptq", "awq"):
+        keras.config.disable_interactive_logging()  # Keras's progress bar over the blocks
+    try:
+        with warnings.catch_warnings(), calibrating:
+            # Keras names every layer it has nothing to quantize in.
+            warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+            warnings.filterwarnings("ignore", message="Invalid quantization mode")
+            model.quantize(mode, config=config)
+    finally:
+        if interactive:
+            keras.config.enable_interactive_logging()
     return model
-
-
-def quantize_float8(model):
-    """Makes every Dense/EinsumDense of a built `model` train in float8 (Keras's delayed
-    scaling: e4m3 forward, e5m2 gradients, scales from an amax history). Call before compiling.
-    """
-    return quantize(model, "float8")
 
 
 def save(model, path):
@@ -149,39 +161,17 @@ def forward_speed(model, val_ds, repeats: int = 2) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def trained_model(config: GPTConfig, weights, policy: str):
-    """A fresh model under `policy` holding `weights` (a run's model.keras, or a
-    .weights.h5), without its FP32 islands yet (Keras cannot quantize a model holding unbuilt
-    layers: `kmp.harden` comes after)."""
-    kmp.set_policy(policy)
-    model = build_model(config)
-    model.load_weights(weights)
-    return model
-
-
-def read_run(run: Path) -> tuple[GPTConfig, str]:
-    """A finished `kmp pretrain` run's config and the policy it trained under.
-
-    Raises:
-        UserError: when `run` is not a finished run.
-    """
-    for name in ("config.json", "metrics.json", "model.keras"):
-        if not (run / name).is_file():
-            raise UserError(f"{run} is not a finished kmp pretrain run (no {name}). Pass a "
-                            "run's --out directory.", field="run")
-    config = GPTConfig(**json.loads((run / "config.json").read_text()))
-    return config, json.loads((run / "metrics.json").read_text())["policy"]
-
-
 def quantize_run(run, modes, out, calibration_batches: int = 4, log=print) -> list[Row]:
     """Quantizes a finished `kmp pretrain` run every way in `modes` and prices each.
 
     Writes `out/<mode>.keras`, `out/source.keras` (the trained weights without the
     optimizer state that the run's model.keras also holds), `out/quantize.json` and
-    `out/quantize.md` (the source's row first).
+    `out/quantize.md` (the source's row first). Each `.keras` file holds the run's tokenizer:
+    `kmp.gpt.load_model(path).generate("def")` works. A float8 run's source is its float8
+    model; its quantized models come from its float weights (Keras quantizes no float8 layer).
 
     Args:
-        run: str or Path. The run's --out directory (config.json, metrics.json, model.keras).
+        run: str or Path. The run's --out directory (read with `kmp.gpt.open_run`).
         modes: list of str. Modes from `MODES`.
         out: str or Path. Where the quantized models and the tables go.
         calibration_batches: int. Training batches whose windows calibrate GPTQ and AWQ.
@@ -193,36 +183,42 @@ def quantize_run(run, modes, out, calibration_batches: int = 4, log=print) -> li
     Raises:
         UserError: when `run` is not a finished run.
     """
-    run, out = Path(run).expanduser(), Path(out).expanduser()
-    config, policy = read_run(run)
+    finished, out = open_run(run, log=log), Path(out).expanduser()
+    config, policy = finished.config, finished.policy
     out.mkdir(parents=True, exist_ok=True)
-    cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir, log=log)
+    cache = finished.cache()
     val_ds = data.val_dataset(cache, config.seq_len, config.batch_size, config.val_batches)
     calibration = np.concatenate([
         data.window_batch(cache.train, config.seq_len, config.batch_size, config.seed, i)[0]
         for i in range(calibration_batches)])
 
-    source = kmp.harden(trained_model(config, run / "model.keras", policy))  # as it was trained
+    def priced(model, path):  # saved with its tokenizer; the loss of the file reloaded
+        with finished.preprocessor_attached(model):
+            save(model, path)
+        return val_loss(load_model(path, preprocessor=False), val_ds)
+
+    source = finished.model(preprocessor=False)  # as it was trained
     base = val_loss(source, val_ds)
-    save(source, out / "source.keras")  # the weights alone, as the quantized files hold them
-    rows = [Row(f"source ({policy})", base, math.exp(base), 0.0,
-                (out / "source.keras").stat().st_size,
-                val_loss(load_model(out / "source.keras"), val_ds), forward_speed(source, val_ds))]
+    reloaded = priced(source, out / "source.keras")  # no optimizer state, as quantized
+    label = f"{policy}, float8" if finished.float8 else policy
+    rows = [Row(f"source ({label})", base, math.exp(base), 0.0,
+                (out / "source.keras").stat().st_size, reloaded, forward_speed(source, val_ds))]
     for mode in modes:
         used = compute_policy(policy, mode)
         log(f"quantize: {mode} (from the model under {used})")
-        model = kmp.harden(quantize(trained_model(config, run / "model.keras", used), mode,
-                                    calibration, cache.tokenizer(),
-                                    min(GROUP_SIZE, config.hidden_dim)))
+        model = kmp.harden(quantize_model(
+            finished.model(used, float8=False, islands=False, preprocessor=False), mode,
+            calibration, finished.tokenizer(), min(GROUP_SIZE, config.hidden_dim)))
         loss = val_loss(model, val_ds)
         path = out / f"{mode}.keras"
-        save(model, path)
-        reloaded = val_loss(load_model(path), val_ds)
+        reloaded = priced(model, path)
         why = ("Keras's int8 refuses float16 compute" if mode == "int8"
                else "Keras's GPTQ group indices break in half precision")
-        note = f"from the float32 twin: {why}" if used != policy else ""
+        notes = [f"from the float32 twin: {why}"] if used != policy else []
+        if finished.float8:
+            notes.append("from the float weights: Keras quantizes no float8 layer")
         rows.append(Row(mode, loss, math.exp(loss), loss / base - 1, path.stat().st_size,
-                        reloaded, forward_speed(model, val_ds), note))
+                        reloaded, forward_speed(model, val_ds), "; ".join(notes)))
     write_bytes_atomic(out / "quantize.json",
                        json.dumps([dataclasses.asdict(r) for r in rows], indent=2).encode())
     write_bytes_atomic(out / "quantize.md", table(rows).encode())
@@ -238,3 +234,27 @@ def table(rows) -> str:
                      f"{r.delta_vs_source:+.2%} | {r.size_bytes / 1e6:.2f} | "
                      f"{r.reload_val_loss:.4f} | {r.tokens_per_sec:,.0f} | {r.note} |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv) -> int:
+    """`kmp quantize`: parses `argv` (the arguments after the command) and runs it."""
+    parser = argparse.ArgumentParser(
+        prog="kmp quantize", description="Quantize a finished `kmp pretrain` run every way "
+        "asked (Keras's int8, int4, GPTQ, AWQ) and measure each: validation loss, perplexity "
+        "and its change, .keras size, the loss after a fresh load, forward tokens/s.")
+    parser.add_argument("--run", required=True, metavar="DIR", help="the run's --out directory")
+    parser.add_argument("--modes", default="int8,int4,gptq,awq",
+                        help="comma-separated: int8, int4, gptq, awq (default: all)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="where <mode>.keras, quantize.json and quantize.md go")
+    parser.add_argument("--calibration-batches", type=int, default=4,
+                        help="training batches that calibrate GPTQ and AWQ (default: 4)")
+    opts = parser.parse_args(argv)
+    modes = parse_modes(opts.modes)
+    if opts.calibration_batches < 1:
+        raise UserError(f"calibration_batches must be >= 1. Received: "
+                        f"{opts.calibration_batches}", field="calibration_batches")
+    rows = quantize_run(opts.run, modes, opts.out, opts.calibration_batches)
+    print(table(rows))
+    print(f"written: {opts.out}/quantize.json, quantize.md and one .keras per mode")
+    return 0

@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import textwrap
+import time
 
 import keras
 
+from kmp import distributed
 from kmp.callbacks import BatchLoss
+from kmp.checkpoint import optimizer_steps, write_json_atomic
+from kmp.hardware import detect
+from kmp.scaling import LossScaleOptimizer
 
 METRIC_KEYS = ("policy", "steps", "final_train_loss", "val_loss", "val_perplexity",
                "tokens_per_sec", "mfu", "skipped_steps", "final_loss_scale", "recoveries",
                "wall_seconds")
 
 
+def _json(value: float):
+    return value if math.isfinite(value) else None
+
+
+def _float(value) -> float:
+    return math.nan if value is None else float(value)
+
+
 class LossHistory(keras.callbacks.Callback):
     """Records the training loss and loss scale of every batch and the validation loss of
     every epoch.
 
-    Keras logs a running mean of the loss over the epoch; each batch's own loss is recovered
-    from it (`kmp.callbacks.BatchLoss`).
+    Each batch's own loss is read with `kmp.callbacks.BatchLoss` (logged by models that
+    `kmp.compile` prepared, else derived from Keras's running mean).
 
     Args:
         batches_per_step: int. Micro-batches per optimizer step (gradient accumulation); the
@@ -30,26 +46,28 @@ class LossHistory(keras.callbacks.Callback):
         super().__init__()
         self.batches_per_step = batches_per_step
         state = state or {}
-        self.train = [tuple(x) for x in state.get("train", [])]  # (step, loss) per batch
-        self.val = [tuple(x) for x in state.get("val", [])]  # (step, loss) per epoch
+        self.train = [(x, _float(y)) for x, y in state.get("train", [])]  # (step, loss) per batch
+        self.val = [(x, _float(y)) for x, y in state.get("val", [])]  # (step, loss) per epoch
         self.loss_scale = list(state.get("loss_scale", []))  # per batch; None: no scaling
         self._batches = len(self.train)
         self._losses = BatchLoss()
 
     def state(self) -> dict:
-        """JSON-serializable history, for checkpoints."""
-        return {"train": [list(x) for x in self.train], "val": [list(x) for x in self.val],
+        """JSON-serializable history (strict JSON: a non-finite loss is null), for
+        checkpoints and history.json."""
+        return {"train": [[x, _json(y)] for x, y in self.train],
+                "val": [[x, _json(y)] for x, y in self.val],
                 "loss_scale": list(self.loss_scale)}
 
     def on_epoch_begin(self, epoch, logs=None):
         self._losses.reset()
 
     def on_train_batch_end(self, batch, logs=None):
-        if not logs or "loss" not in logs:
+        loss = self._losses(batch, logs)
+        if loss is None:
             return
         self._batches += 1
-        self.train.append((self._batches / self.batches_per_step,
-                           self._losses.update(batch, logs["loss"])))
+        self.train.append((self._batches / self.batches_per_step, loss))
         scale = logs.get("loss_scale")
         self.loss_scale.append(None if scale is None else float(scale))
 
@@ -58,8 +76,8 @@ class LossHistory(keras.callbacks.Callback):
             self.val.append((self._batches / self.batches_per_step, float(logs["val_loss"])))
 
     def final_train_loss(self, window=20) -> float | None:
-        """Mean training loss over the last `window` batches."""
-        tail = [loss for _, loss in self.train[-window:]]
+        """Mean training loss over the last `window` batches whose loss was finite."""
+        tail = [loss for _, loss in self.train if math.isfinite(loss)][-window:]
         return sum(tail) / len(tail) if tail else None
 
 
@@ -92,7 +110,7 @@ def plot_losses(history: LossHistory, path, title: str, recoveries=()):
                     color="tab:red", xytext=(-2, -2 - 9 * i), textcoords="offset points")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 64)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="center right" if recoveries else "best")
     fig.tight_layout()
@@ -100,13 +118,16 @@ def plot_losses(history: LossHistory, path, title: str, recoveries=()):
 
 
 def sample_text(model, tokenizer, prompts, max_length, seed=0, k=40, temperature=0.8):
-    """Texts generated from `prompts` by `model` with keras-hub's top-k sampler."""
+    """Texts generated from `prompts` by `model` with keras-hub's top-k sampler (the
+    tokenizer's preprocessor is attached to `model` if it has none)."""
     import keras_hub
+
+    from kmp.gpt.run import attach_preprocessor
 
     if not prompts:
         return []
-    model.preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
-        tokenizer, sequence_length=max_length)
+    if model.preprocessor is None:
+        attach_preprocessor(model, tokenizer, max_length)
     model.sampler = keras_hub.samplers.TopKSampler(k=k, seed=seed, temperature=temperature)
     model.generate_function = None  # rebuilt for the new sampler
     return [str(t) for t in model.generate(list(prompts), max_length=max_length)]
@@ -136,3 +157,69 @@ def summary(metrics: dict, vocab_size: int) -> str:
            + "; ".join(f"step {r['step']} {r['cause']}" for r in metrics["recoveries"])]
           if metrics.get("recoveries") else []),
     ])
+
+
+def weights_checksum(model) -> str:
+    """SHA-256 of every weight's bytes, in order: equal across processes that agree."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(w.tobytes())
+    return digest.hexdigest()
+
+
+def finish(model, config, out, cache, val_ds, history: LossHistory, throughput,
+           recoveries: list, started: float) -> int:
+    """A finished run's outputs in `out`: the validation loss (evaluated by every process),
+    then, by process 0, samples.txt, loss.png, history.json, metrics.json and model.keras
+    (with its tokenizer, so `load_model(path).generate(...)` works), and the closing lines.
+    `recoveries` are the run's (`kmp.recovery.RecoveryPlan.recoveries`). Returns the exit
+    status, 0."""
+    from kmp.gpt.run import attach_preprocessor
+
+    val_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
+    checksum = weights_checksum(model)
+    print(f"weights sha256: {checksum}")
+    if not distributed.is_chief():
+        return 0
+    tokenizer, samples = cache.tokenizer(), []
+    if distributed.process_count() == 1:  # sampling is not SPMD: one process only
+        samples = sample_text(model, tokenizer, [config.prompt] * config.samples,
+                              max_length=min(config.seq_len, 128), seed=config.seed)
+    elif config.samples:
+        print("samples: not drawn in a run across processes; load model.keras to sample")
+    (out / "samples.txt").write_text("\n\n-----\n\n".join(samples) + "\n")
+    policy = keras.config.dtype_policy().name
+    plot_losses(history, out / "loss.png", f"{config.preset}: {policy} on {detect().describe()}",
+                recoveries)
+    scaler = model.optimizer if isinstance(model.optimizer, LossScaleOptimizer) else None
+    state = scaler.state() if scaler is not None else {}
+    metrics = {
+        "policy": policy,
+        "steps": optimizer_steps(model.optimizer),
+        "final_train_loss": history.final_train_loss(),
+        "val_loss": val_loss,
+        "val_perplexity": perplexity(val_loss),
+        "tokens_per_sec": throughput.tokens_per_sec,
+        "mfu": throughput.mfu,
+        "skipped_steps": int(state.get("skipped_steps", 0)),
+        "final_loss_scale": state.get("loss_scale"),
+        "recoveries": recoveries,
+        "processes": distributed.process_count(),
+        "weights_sha256": checksum,
+        "wall_seconds": time.time() - started,
+    }
+    write_json_atomic(out / "history.json", history.state())
+    write_json_atomic(out / "metrics.json", metrics)
+    if model.preprocessor is None:
+        attach_preprocessor(model, tokenizer, min(config.seq_len, 128))
+    tmp = out / "model.tmp.keras"
+    with distributed.local():
+        model.save(tmp)
+    os.replace(tmp, out / "model.keras")
+
+    if samples:
+        print(f"\nsample ({config.prompt!r}):\n{samples[0]}\n")
+    print(summary(metrics, config.vocab_size))
+    print(f"outputs in {out}/: metrics.json, history.json, samples.txt, loss.png, "
+          "model.keras, checkpoints/, tensorboard/")
+    return 0

@@ -6,6 +6,13 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kmp._keras import (
+    mha_causal_mask,
+    mha_dropout,
+    mha_equations,
+    mha_masked_softmax,
+    mha_score_scale,
+)
 from kmp.errors import UserError
 from kmp.layers.islands import Softmax
 
@@ -94,7 +101,7 @@ class CausalSelfAttention(keras.layers.Layer):
 
 def float32_attention(layer, query, key, value, attention_mask=None, training=None,
                       return_attention_scores=False, use_causal_mask=False):
-    """`keras.layers.MultiHeadAttention._compute_attention` with a float32 island.
+    """A `keras.layers.MultiHeadAttention`'s attention computation with a float32 island.
 
     The scores are a float32 product of the projected query and key, the mask and softmax run
     in float32 in the layer's `kmp.layers.Softmax`, and only the probabilities are rounded to
@@ -105,12 +112,14 @@ def float32_attention(layer, query, key, value, attention_mask=None, training=No
     arguments and returns as Keras's method (Keras 3.15.1).
     """
     if use_causal_mask:  # Keras's call leaves the causal mask to the fused kernel
-        causal = layer._compute_causal_mask(query, value)
+        causal = mha_causal_mask(layer, query, value)
         attention_mask = causal if attention_mask is None else ops.logical_and(
             ops.cast(attention_mask, "bool"), causal)
-    scaled = ops.cast(query, "float32") * float(layer._inverse_sqrt_key_dim)
-    scores = ops.einsum(layer._dot_product_equation, ops.cast(key, "float32"), scaled)
-    probs = layer._masked_softmax(scores, attention_mask)
-    dropped = layer._dropout_layer(probs, training=training) if layer._dropout > 0 else probs
-    output = ops.einsum(layer._combine_equation, ops.cast(dropped, value.dtype), value)
+    scores_equation, combine_equation = mha_equations(layer)
+    scaled = ops.cast(query, "float32") * mha_score_scale(layer)
+    scores = ops.einsum(scores_equation, ops.cast(key, "float32"), scaled)
+    probs = mha_masked_softmax(layer, scores, attention_mask)
+    rate, dropout = mha_dropout(layer)
+    dropped = dropout(probs, training=training) if rate > 0 else probs
+    output = ops.einsum(combine_equation, ops.cast(dropped, value.dtype), value)
     return output, probs

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import types
-
 import keras
 
-from kmp._keras import flatten_layers, replace_sublayer, tracking_unlocked
+from kmp._keras import (
+    flatten_layers,
+    mha_attention_override,
+    mha_softmax,
+    set_mha_attention,
+    set_mha_softmax,
+)
 from kmp.errors import UserError
 from kmp.layers.attention import float32_attention
 from kmp.layers.islands import Softmax
@@ -15,12 +19,14 @@ from kmp.layers.islands import Softmax
 def is_hardened(layer) -> bool:
     """True when `layer` is a MultiHeadAttention that computes its scores and softmax in
     float32 through `kmp.layers.attention.float32_attention` (what `harden` does)."""
-    return isinstance(layer, keras.layers.MultiHeadAttention) and isinstance(
-        layer.__dict__.get("_compute_attention"), types.MethodType) and isinstance(
-        layer._softmax, Softmax)
+    if not isinstance(layer, keras.layers.MultiHeadAttention):
+        return False
+    bound = mha_attention_override(layer)
+    return (getattr(bound, "__func__", None) is float32_attention
+            and isinstance(mha_softmax(layer), Softmax))
 
 
-def harden(model, float32_residual=False):
+def harden(model, float32_residual=False, attention=True):
     """Puts FP32 islands into an existing model, in place and without touching its weights.
 
     Every `keras.layers.MultiHeadAttention` (keras-hub's cached attention included) computes
@@ -43,6 +49,8 @@ def harden(model, float32_residual=False):
     Args:
         model: keras.Model. A model or backbone, built or not.
         float32_residual: bool. Make the residual stream float32. Defaults to False.
+        attention: bool. Put the float32 attention islands in; False leaves attention as
+            Keras computes it (for a float32 residual stream alone). Defaults to True.
 
     Returns:
         The same model, for chaining.
@@ -57,15 +65,6 @@ def harden(model, float32_residual=False):
     True
     """
     backbone = getattr(model, "backbone", model)
-    for layer in flatten_layers(model, include_self=True):
-        if not isinstance(layer, keras.layers.MultiHeadAttention) or is_hardened(layer):
-            continue
-        old = layer._softmax  # Keras 3.15.1's softmax sublayer
-        if not isinstance(old, Softmax):
-            replace_sublayer(layer, "_softmax",
-                             Softmax(axis=old.axis, dtype=old.dtype_policy, name=old.name))
-        with tracking_unlocked(layer):
-            layer._compute_attention = types.MethodType(float32_attention, layer)
     if float32_residual:
         stream = ("embeddings_add", "embeddings_dropout", "layer_norm")
         if not hasattr(backbone, "transformer_layers") or not all(
@@ -75,6 +74,14 @@ def harden(model, float32_residual=False):
                 "harden(float32_residual=True) needs a keras-hub GPT-2 style backbone (with "
                 f"transformer_layers, {', '.join(stream)}). Received: {type(model).__name__}."
             )
+    for layer in flatten_layers(model, include_self=True) if attention else ():
+        if not isinstance(layer, keras.layers.MultiHeadAttention) or is_hardened(layer):
+            continue
+        old = mha_softmax(layer)
+        if not isinstance(old, Softmax):
+            set_mha_softmax(layer, Softmax(axis=old.axis, dtype=old.dtype_policy, name=old.name))
+        set_mha_attention(layer, float32_attention)
+    if float32_residual:
         set_float32_residual(backbone)
         if hasattr(backbone, "float32_residual"):  # a backbone that saves the option
             backbone.float32_residual = True

@@ -126,7 +126,7 @@ class TorchPeer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step_count += 1
-        return float(loss)
+        return float(loss.detach())
 
     def gpu_memory(self, reset: bool = False) -> dict | None:
         """Like `kmp.backends.gpu_memory`, from torch's CUDA allocator (None on a CPU)."""
