@@ -344,3 +344,50 @@ def replace_loss_tracker(model, tracker) -> None:
     updated by each backend's train and test step with the step's unscaled loss."""
     with tracking_unlocked(model):
         model._loss_tracker = tracker
+
+
+def remat_mode(layer):
+    """The `keras.RematScope` mode `layer` was created under, or None (Keras 3.15.1 keeps it
+    in `Layer._remat_mode`)."""
+    return getattr(layer, "_remat_mode", None)
+
+
+def remat_tensors_only(layer):
+    """Makes `layer`'s rematerialized call checkpoint a function of its floating-point tensor
+    arguments only, the others (`training=True`, `use_causal_mask=True`, None, the integer
+    padding mask, which has no gradient) bound in a closure.
+
+    Keras 3.15.1 hands the layer's whole call, keyword arguments included, to the backend's
+    remat: TensorFlow's `tf.recompute_grad` refuses keyword arguments in graph mode
+    ("custom_gradient ... keywords arguments only when eager execution is enabled",
+    keras-team/keras#21207) and `jax.checkpoint` traces a Python bool into an array, which an
+    `if training:` cannot branch on; `tf.recompute_grad` also warns for every integer
+    tensor it is given to watch. Keras still decides which layers rematerialize
+    (`Layer.rematerialized_call`, undocumented in 3.15.1) and does it (`keras.remat`).
+    """
+    from keras import ops
+
+    keras_call = layer.rematerialized_call
+
+    def rematerialized_call(layer_call, *args, **kwargs):
+        if keras_call(layer_call, *args, **kwargs) is layer_call:  # not this layer
+            return layer_call
+
+        def call(*args, **kwargs):
+            structure = (args, kwargs)
+            leaves = keras.tree.flatten(structure)
+            where = [i for i, leaf in enumerate(leaves) if ops.is_tensor(leaf)
+                     and keras.backend.is_float_dtype(leaf.dtype)]
+
+            def on_tensors(*tensors):
+                filled = list(leaves)
+                for i, tensor in zip(where, tensors):
+                    filled[i] = tensor
+                args, kwargs = keras.tree.pack_sequence_as(structure, filled)
+                return layer_call(*args, **kwargs)
+
+            return keras.remat(on_tensors)(*(leaves[i] for i in where))
+
+        return call
+
+    layer.rematerialized_call = rematerialized_call

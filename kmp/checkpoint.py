@@ -92,8 +92,9 @@ class Checkpoint(keras.callbacks.Callback):
         self.batches += 1
 
     def on_epoch_end(self, epoch, logs=None):
-        if getattr(self.model, "stop_training", False):  # a run stopped mid-epoch (e.g. its loss turned
-            return  # non-finite): its state is not one to continue from
+        # A run stopped mid-epoch (e.g. its loss turned non-finite): not a state to go on from.
+        if getattr(self.model, "stop_training", False):
+            return
         self.save()
 
     def _new_name(self, batches: int) -> str:
@@ -288,19 +289,19 @@ def prepare_run(out, config: dict, resume: bool, fixed: dict | None = None,
     saved, record = out / "config.json", None
     if resume:
         if not saved.exists():
-            raise UserError(f"Resume: {out} is not a kmp pretrain run (no config.json). Point "
-                            "the run directory at a run, or do not resume.", field="resume")
+            raise UserError(f"{out} is not a kmp pretrain run (no config.json). Point the run "
+                            "directory at a run, or do not resume.", field="resume")
         try:
             old = json.loads(saved.read_text())
             if not isinstance(old, dict):
                 raise ValueError
         except (ValueError, UnicodeDecodeError):
-            raise UserError(f"Resume: {saved} is not a kmp config (damaged?). Point the run "
+            raise UserError(f"{saved} is not a kmp config (damaged?). Point the run "
                             "directory at a kmp pretrain run, or do not resume.",
                             field="resume") from None
         record = verify(out / "checkpoints")  # before anything in the run is rewritten
         if "batches" not in record:
-            raise UserError(f"Resume: the checkpoint in {out} was written by kmp 0.1.0, which "
+            raise UserError(f"The checkpoint in {out} was written by kmp 0.1.0, which "
                             "did not record the data position. Resume it with kmp 0.1.0, or "
                             "start a new run.", field="resume")
         changed: dict[str, list[str]] = {}
@@ -309,7 +310,7 @@ def prepare_run(out, config: dict, resume: bool, fixed: dict | None = None,
                 changed.setdefault(why, []).append(f"{key} {old[key]} -> {config.get(key)}")
         if changed:
             what = "; ".join(f"another {why} ({', '.join(c)})" for why, c in changed.items())
-            raise UserError(f"Resume: the run in {out} has {what}. Use the run's own settings "
+            raise UserError(f"The run in {out} has {what}. Use the run's own settings "
                             "or another run directory.", field="resume")
     if write:
         write_json_atomic(saved, config)

@@ -26,11 +26,11 @@ RUN_ONLY = ("jit", "strategy", "processes", "prompt", "samples", "resume", "val_
 RESUME_FIXED = {
     **{k: "model shape" for k in ("vocab_size", "num_layers", "num_heads", "hidden_dim",
                                   "intermediate_dim", "seq_len")},
-    "grad_accum": "gradient accumulation (the optimizer and its learning-rate schedule count "
-                  "micro-batches)",
-    "corpus": "corpus (the data positions would read other text)",
-    "seed": "seed (the data order)",
-    "float8": "weights layout (float8 adds scale variables)",
+    "grad_accum": "gradient accumulation, which the optimizer and its learning-rate schedule "
+                  "count in micro-batches",
+    "corpus": "corpus, whose text the data positions index",
+    "seed": "seed, which orders the data",
+    "float8": "weights layout, float8 adding scale variables",
 }
 
 

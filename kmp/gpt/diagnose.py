@@ -52,7 +52,7 @@ def main(argv: list[str], command: str) -> int:
     parser = argparse.ArgumentParser(
         prog=f"kmp {command}", description=f"{DIAGNOSES[command]}; on a fresh GPT preset "
         "(under --precision) or a trained one (--run), with one batch of the corpus.")
-    add_arguments(parser, exclude={"steps", "warmup_steps", "grad_accum", *RUN_ONLY})
+    add_arguments(parser, exclude={"steps", "warmup_steps", "grad_accum", "remat", *RUN_ONLY})
     parser.add_argument("--run", metavar="DIR", help="a `kmp pretrain` --out directory: "
                         "diagnose its trained weights, with its config.json under the given "
                         "options (e.g. another --precision)")

@@ -114,7 +114,8 @@ def main(argv: list[str]) -> int:
         prog="kmp memory", description="Estimate training memory of a GPT preset by policy "
         "(Korthikanti et al. 2022 activations, 16 bytes/param model states).")
     add_arguments(parser, exclude={"precision", "steps", "warmup_steps", "learning_rate",
-                                   "weight_decay", "grad_clip", "dropout", "out", *RUN_ONLY})
+                                   "weight_decay", "grad_clip", "dropout", "out", "remat",
+                                   *RUN_ONLY})
     parser.add_argument("--measure", action="store_true", help="also train a few steps under "
                         "each policy (XLA on) and print the GPU's measured peak beside the "
                         "estimate (needs a GPU)")

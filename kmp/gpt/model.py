@@ -9,7 +9,13 @@ import keras
 import keras_hub
 from keras import ops
 
-from kmp._keras import flatten_layers, replace_sublayer, restore_int4_reverse_inputs
+from kmp._keras import (
+    flatten_layers,
+    remat_mode,
+    remat_tensors_only,
+    replace_sublayer,
+    restore_int4_reverse_inputs,
+)
 from kmp.errors import UserError
 from kmp.gpt.config import GPTConfig
 from kmp.hardware import detect
@@ -110,8 +116,8 @@ def build_model(config: GPTConfig, float32_residual: bool = False):
             float32_residual=float32_residual,
         )
     for layer in flatten_layers(backbone, include_self=True):
-        if layer._remat_mode is not None:  # Keras 3.15.1: the scope's mode, kept per layer
-            _remat_tensors_only(layer)
+        if remat_mode(layer) is not None:
+            remat_tensors_only(layer)
     return GPTCausalLM(backbone=backbone, preprocessor=None, compile=False)
 
 
@@ -140,45 +146,6 @@ def _remat_scope(config: GPTConfig):
     return keras.RematScope(mode="full")
 
 
-def _remat_tensors_only(layer):
-    """Makes `layer`'s rematerialized call checkpoint a function of its floating-point tensor
-    arguments only, the others (`training=True`, `use_causal_mask=True`, None, the integer
-    padding mask, which has no gradient) bound in a closure.
-
-    Keras 3.15.1 hands the layer's whole call, keyword arguments included, to the backend's
-    remat: TensorFlow's `tf.recompute_grad` refuses keyword arguments in graph mode
-    ("custom_gradient ... keywords arguments only when eager execution is enabled",
-    keras-team/keras#21207) and `jax.checkpoint` traces a Python bool into an array, which an
-    `if training:` cannot branch on; `tf.recompute_grad` also warns for every integer
-    tensor it is given to watch. Keras still decides which layers rematerialize
-    (`Layer.rematerialized_call`) and does it (`keras.remat`).
-    """
-    keras_call = layer.rematerialized_call
-
-    def rematerialized_call(layer_call, *args, **kwargs):
-        if keras_call(layer_call, *args, **kwargs) is layer_call:  # not this layer
-            return layer_call
-
-        def call(*args, **kwargs):
-            structure = (args, kwargs)
-            leaves = keras.tree.flatten(structure)
-            where = [i for i, leaf in enumerate(leaves) if ops.is_tensor(leaf)
-                     and keras.backend.is_float_dtype(leaf.dtype)]
-
-            def on_tensors(*tensors):
-                filled = list(leaves)
-                for i, tensor in zip(where, tensors):
-                    filled[i] = tensor
-                args, kwargs = keras.tree.pack_sequence_as(structure, filled)
-                return layer_call(*args, **kwargs)
-
-            return keras.remat(on_tensors)(*(leaves[i] for i in where))
-
-        return call
-
-    layer.rematerialized_call = rematerialized_call
-
-
 def use_float8(model):
     """Makes every Dense/EinsumDense of a built `model` train in float8: Keras's delayed
     scaling (`model.quantize("float8")`: e4m3 forward, e5m2 gradients, scales from an amax
@@ -190,7 +157,7 @@ def use_float8(model):
             scales' amax histories again (per-step losses measured 5e-5 to 5e-3 off those
             without remat on JAX and TensorFlow).
     """
-    if any(layer._remat_mode is not None for layer in flatten_layers(model)):
+    if any(remat_mode(layer) is not None for layer in flatten_layers(model)):
         raise UserError("float8 training of a model built with remat is not supported (the "
                         "recomputed pass would update the float8 scales twice). Use "
                         "remat='none' or no float8.", field="remat")
