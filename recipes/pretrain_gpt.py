@@ -76,7 +76,7 @@ def train(config: GPTConfig, out: Path, record: dict | None, replicas: int,
     # 2. Policy, model, fit; when the run breaks, roll back to the last checkpoint and retry
     #    (kmp.recovery). What recoveries changed is in every checkpoint.
     ladder = recovery.RecoveryPlan(config.recover_attempts, config.recover_stretch,
-                                 state=record["extra"].get("recovery") if record else None)
+                                   state=record["extra"].get("recovery") if record else None)
 
     def attempt(record):
         precision = kmp.set_policy(ladder.policy or config.precision)
