@@ -36,15 +36,25 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kmp' has no attribute {name!r}")
-    module = _EXPORTS[name]
-    value = (importlib.import_module(f"kmp.{name}") if not module
-             else getattr(importlib.import_module(module), name))
-    globals()[name] = value
-    return value
+def lazy_exports(namespace: dict, exports: dict):
+    """PEP 562 `__getattr__` and `__dir__` for a package (its globals, `namespace`) whose
+    public names load on first use: `exports` maps each name to the module that defines it,
+    or to "" for the package's submodule of that name."""
+    package = namespace["__name__"]
+
+    def __getattr__(name):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module = exports[name]
+        value = (importlib.import_module(f"{package}.{name}") if not module
+                 else getattr(importlib.import_module(module), name))
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__
 
 
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -5,50 +5,41 @@ loaded exactly as trained, quantization, quantization-aware fine-tuning, LiteRT 
 The names below are imported on first use: reading a config (`kmp.gpt.config`) loads
 neither Keras nor a backend."""
 
-import importlib
+from kmp import lazy_exports
 
 # public name -> the module of kmp.gpt that defines it
 _EXPORTS = {
-    "add_arguments": "config",
-    "attach_preprocessor": "run",
-    "build_model": "model",
-    "build_token_cache": "data",
-    "estimate_memory": "memory",
-    "export_run": "export",
-    "finetune_run": "finetune",
-    "FinishedRun": "run",
-    "flops_per_token": "model",
-    "from_args": "config",
-    "GPTBackbone": "model",
-    "GPTCausalLM": "model",
-    "GPTConfig": "config",
-    "lm_loss": "model",
-    "load_model": "model",
-    "make_optimizer": "model",
-    "memory_table": "memory",
-    "MemoryEstimate": "memory",
-    "NextTokenCrossentropy": "model",
-    "open_run": "run",
-    "param_count": "model",
-    "preset": "config",
-    "PRESETS": "config",
-    "quantize_run": "quantize",
-    "sample_text": "report",
-    "TokenCache": "data",
-    "train_dataset": "data",
-    "val_dataset": "data",
+    "add_arguments": "kmp.gpt.config",
+    "attach_preprocessor": "kmp.gpt.run",
+    "build_model": "kmp.gpt.model",
+    "build_token_cache": "kmp.gpt.data",
+    "estimate_memory": "kmp.gpt.memory",
+    "export_run": "kmp.gpt.export",
+    "finetune_run": "kmp.gpt.finetune",
+    "FinishedRun": "kmp.gpt.run",
+    "flops_per_token": "kmp.gpt.model",
+    "from_args": "kmp.gpt.config",
+    "GPTBackbone": "kmp.gpt.model",
+    "GPTCausalLM": "kmp.gpt.model",
+    "GPTConfig": "kmp.gpt.config",
+    "lm_loss": "kmp.gpt.model",
+    "load_model": "kmp.gpt.model",
+    "make_optimizer": "kmp.gpt.model",
+    "memory_table": "kmp.gpt.memory",
+    "MemoryEstimate": "kmp.gpt.memory",
+    "NextTokenCrossentropy": "kmp.gpt.model",
+    "open_run": "kmp.gpt.run",
+    "param_count": "kmp.gpt.model",
+    "preset": "kmp.gpt.config",
+    "PRESETS": "kmp.gpt.config",
+    "quantize_run": "kmp.gpt.quantize",
+    "sample_text": "kmp.gpt.report",
+    "TokenCache": "kmp.gpt.data",
+    "train_dataset": "kmp.gpt.data",
+    "val_dataset": "kmp.gpt.data",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kmp.gpt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"kmp.gpt.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
