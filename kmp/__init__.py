@@ -10,8 +10,30 @@ until one is needed (and `kmp --backend` can still choose Keras's backend).
 """
 
 import importlib
+import importlib.util
+import os
 
 __version__ = "0.1.0"
+
+
+def _jax_on_cpu_without_driver():
+    """With the JAX CUDA plugin installed (kmp[plan]) and no NVIDIA driver, JAX tries CUDA when
+    it starts and logs a traceback; keep it on the CPU instead, unless JAX_PLATFORMS says
+    otherwise. The plugin still compiles for GPUs (kmp.gpt.compiled)."""
+    drivers = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg")  # dxg: WSL2
+    if "JAX_PLATFORMS" in os.environ or any(os.path.exists(p) for p in drivers):
+        return
+    try:
+        plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
+    except (ImportError, ValueError):
+        plugin = None
+    if plugin is not None:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ[_JAX_CPU_BY_KMP] = "cpu"  # not the user's choice (kmp.distributed reads it)
+
+
+_JAX_CPU_BY_KMP = "KMP_JAX_PLATFORMS_SET"
+_jax_on_cpu_without_driver()
 
 # public name -> the module that defines it ("" when the name is the module itself)
 _EXPORTS = {

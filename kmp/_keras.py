@@ -95,6 +95,20 @@ def set_mha_attention(layer, fn):
         layer._compute_attention = fn.__get__(layer, type(layer))
 
 
+def unset_mha_attention(layer):
+    """Undoes `set_mha_attention`: the instance computes attention with its class's own
+    `_compute_attention` again (Keras's fused kernel when dropout is 0)."""
+    with tracking_unlocked(layer):
+        layer.__dict__.pop("_compute_attention", None)
+
+
+def mha_class_attention(layer, query, key, value, attention_mask=None, training=None):
+    """Runs the attention of a MultiHeadAttention's class (Keras's own path, or a subclass's),
+    bypassing any override `set_mha_attention` bound: (output, scores)."""
+    return type(layer)._compute_attention(layer, query, key, value,
+                                          attention_mask=attention_mask, training=training)
+
+
 def mha_compute_attention(layer, query, key, value, attention_mask=None, training=None):
     """Runs a MultiHeadAttention's attention on already projected query, key and value
     (batch, seq, heads, dim): (output, scores), through its own or an overriding path."""
@@ -391,3 +405,10 @@ def remat_tensors_only(layer):
         return call
 
     layer.rematerialized_call = rematerialized_call
+
+
+def set_variable_layout(variable, layout) -> None:
+    """Gives a variable that has no value yet (`StatelessScope(initialize_variables=False)`) the
+    layout a distribution would, so that the optimizer's slots made from it take the same
+    (`Optimizer.add_variable_from_reference` copies `_layout`, Keras 3.15.1)."""
+    variable._layout = layout

@@ -32,14 +32,18 @@ _COMMANDS = {
     "pretrain": ("kmp.recipes.pretrain_gpt",
                  "pretrain a GPT on a corpus (kmp pretrain --help lists the options)"),
     "bench": ("kmp.gpt.bench", "compare precisions and XLA on a GPT preset (kmp bench --help)"),
-    "memory": ("kmp.gpt.memory",
-               "estimate training memory of a GPT preset (kmp memory --help)"),
+    "tune": ("kmp.gpt.autotune", "choose precision, XLA and attention kernel by training a GPT "
+             "preset a few steps on this machine, and cache the choice (kmp tune --help)"),
+    "memory": ("kmp.gpt.memory", "training memory of a GPT preset per device, estimated and "
+               "as XLA plans it for a GPU (kmp memory --help)"),
+    "plan": ("kmp.gpt.plan", "what fits on a GPU: precision, remat, sharding, micro-batch and "
+             "accumulation for a model size (kmp plan --help)"),
     "export": ("kmp.gpt.export",
                "export a trained GPT run to LiteRT and check the file (kmp export --help)"),
     "quantize": ("kmp.gpt.quantize",
                  "quantize a trained GPT run and price each mode (kmp quantize --help)"),
-    "finetune": ("kmp.gpt.finetune",
-                 "quantization-aware fine-tuning of a trained GPT run (kmp finetune --help)"),
+    "finetune": ("kmp.gpt.finetune", "fine-tune a keras-hub preset (LoRA, int8/int4 base) or "
+                 "a trained run (--qat int4) in mixed precision (kmp finetune --help)"),
 }
 # The diagnoses, all run by kmp.gpt.diagnose.main(argv, command).
 _DIAGNOSES = {
@@ -119,6 +123,38 @@ def _set_backend(argv: list[str]) -> list[str]:
     return rest
 
 
+def simulate_devices(count: int) -> None:
+    """Makes JAX show `count` CPU devices (XLA's --xla_force_host_platform_device_count, added
+    to any XLA_FLAGS already set), for rehearsing a mesh on one machine. Must run before JAX
+    loads; child processes (--processes workers) inherit it. The simulated devices' threads
+    share the machine's cores: on a loaded machine one may reach a collective more than XLA's
+    default 40 s after the others, and XLA aborts the process, so the wait allowed is raised
+    to 10 minutes (unless XLA_FLAGS sets it); and each device computes on its own thread
+    (--xla_cpu_multi_thread_eigen=false), with which the first all-reduce hung less often on a
+    loaded 2-core machine, though not never (docs/distributed.md).
+
+    Raises:
+        UserError: for a count below 1, or when this process has loaded JAX already with
+            another count.
+    """
+    if count < 1:
+        raise UserError(f"--devices must be >= 1. Received: {count}")
+    flag = "--xla_force_host_platform_device_count"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    waits = [f"--xla_cpu_collective_call_{k}_timeout_seconds={v}"
+             for k, v in (("warn_stuck", 120), ("terminate", 600))]
+    # Each simulated device runs its ops on its own thread, not on the shared Eigen pool, which
+    # a collective's waiting participants can fill (kmp --devices 4 hung at the first
+    # all-reduce on 2 loaded cores more often without this).
+    waits.append("--xla_cpu_multi_thread_eigen=false")
+    new = " ".join([*kept, f"{flag}={count}",
+                    *(w for w in waits if w.split("=")[0] not in " ".join(kept))])
+    if "jax" in sys.modules and new != os.environ.get("XLA_FLAGS"):
+        raise UserError(f"--devices {count}: JAX is already loaded in this process, so its "
+                        "devices are fixed. Start kmp afresh with --devices.")
+    os.environ["XLA_FLAGS"] = new
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Hides what native libraries write to stderr while loading (TensorFlow's start-up lines,
@@ -190,6 +226,8 @@ def main(argv=None) -> int:
         "else tensorflow.")
     parser.add_argument("--backend", choices=BACKENDS, help="the Keras backend (default: "
                         "$KERAS_BACKEND, else keras.json's, else tensorflow)")
+    parser.add_argument("--devices", type=int, metavar="N", help="simulate N host (CPU) "
+                        "devices for JAX, to rehearse a --mesh on a CPU (before the command)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="show the hardware, the plan for each policy, and the pick")
     helps = {**{name: text for name, (_, text) in _COMMANDS.items()},
@@ -199,6 +237,8 @@ def main(argv=None) -> int:
     args, _ = parser.parse_known_args(argv)
     try:
         rest = _set_backend(argv)
+        if args.devices is not None:
+            simulate_devices(args.devices)
         rest = rest[rest.index(args.command) + 1:]
         if args.command == "doctor" and rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

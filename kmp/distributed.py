@@ -228,8 +228,9 @@ def worker_devices(processes: int, accelerators: int) -> list[dict]:
     >>> worker_devices(2, 4)[1]
     {'CUDA_VISIBLE_DEVICES': '1'}
     """
-    if "JAX_PLATFORMS" in os.environ:
-        return [{"JAX_PLATFORMS": os.environ["JAX_PLATFORMS"]}] * processes
+    chosen = os.environ.get("JAX_PLATFORMS")
+    if chosen is not None and chosen != os.environ.get("KMP_JAX_PLATFORMS_SET"):  # the user's
+        return [{"JAX_PLATFORMS": chosen}] * processes
     if accelerators >= processes:
         return [{"CUDA_VISIBLE_DEVICES": str(k)} for k in range(processes)]
     return [{"JAX_PLATFORMS": "cpu"}] * processes

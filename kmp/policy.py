@@ -51,6 +51,11 @@ class PrecisionPlan:
         device: str. What was detected, in one line.
         reason: str. One sentence on why this policy and XLA setting.
         warning: str or None. Why an explicit choice is slow or unsupported here.
+        decided_by: str. "rule table" (the hardware rules below), "measurement" (`kmp tune`
+            just now), "cached measurement" (an earlier `kmp tune` on this machine and
+            backend, `kmp.decisions`) or "request" (an explicit policy).
+        attention: str or None. The attention kernel a measurement chose ("fused" or
+            "island"); None: `kmp.harden(attention="auto")` decides per layer.
     """
 
     policy: str
@@ -59,6 +64,8 @@ class PrecisionPlan:
     device: str
     reason: str
     warning: str | None = None
+    decided_by: str = "rule table"
+    attention: str | None = None
 
     @property
     def compute_dtype(self) -> str:
@@ -68,7 +75,7 @@ class PrecisionPlan:
     def __str__(self) -> str:
         xla = "XLA on" if self.jit_compile else "XLA off"
         scaling = ", loss scaling" if self.loss_scaling else ""
-        return f"{self.policy} ({xla}{scaling}): {self.reason}"
+        return f"{self.policy} ({xla}{scaling}), by {self.decided_by}: {self.reason}"
 
 
 def recommend(hw: Hardware) -> tuple[str, bool, str]:
@@ -139,12 +146,51 @@ def _check_name(name: str) -> str:
     return name
 
 
-def plan(name: str = "auto", hardware: Hardware | None = None) -> PrecisionPlan:
+def _from_measurement(hw: Hardware, measure) -> PrecisionPlan | None:
+    """The plan a measurement gives: `measure`'s (run now), else a cached `kmp tune` of this
+    machine and backend, else None."""
+    if measure is not None:
+        if callable(measure):
+            tuned = measure()
+        else:  # a GPT config: the recipe's tuner, loaded only when asked for
+            from kmp.gpt.autotune import tune
+            from kmp.gpt.config import GPTConfig
+
+            if not isinstance(measure, GPTConfig):
+                raise UserError(f"measure= takes a kmp.gpt.GPTConfig or a callable that "
+                                f"returns a tuning result. Received: {measure!r}")
+            tuned = tune(measure)
+        policy, jit, reason = tuned.policy, tuned.jit_compile, tuned.reason
+        attention = tuned.attention
+        by = "cached measurement" if tuned.source == "cached" else "measurement"
+    else:
+        from kmp import decisions
+
+        found = decisions.lookup(decisions.key("precision", hw, model="any"))
+        if found is None:
+            return None
+        policy, jit, attention = found["policy"], found["jit_compile"], found["attention"]
+        reason, by = found["reason"], "cached measurement"
+    return PrecisionPlan(policy, policy == "mixed_float16", jit, hw.describe(), reason,
+                         decided_by=by, attention=attention)
+
+
+def plan(name: str = "auto", hardware: Hardware | None = None,
+         measure=None) -> PrecisionPlan:
     """Returns the plan for `name` on `hardware` without changing the Keras policy.
+
+    "auto" takes a measurement where there is one (`measure`, else the latest `kmp tune` of
+    this machine and backend, cached by `kmp.decisions`) and the hardware rule table
+    otherwise; the plan's `decided_by` says which.
 
     Args:
         name: str. "auto", "float32", "mixed_float16" or "mixed_bfloat16". Defaults to "auto".
         hardware: Hardware or None. Defaults to `kmp.hardware.detect()`.
+        measure: GPTConfig, callable or None. With "auto": measure now (or take the cached
+            measurement of that model): a `kmp.gpt.GPTConfig` runs `kmp.gpt.autotune.tune`
+            on it; a callable is called with no arguments and returns such a result (an
+            object with policy, jit_compile, attention, reason and source). Defaults to
+            None.
 
     Returns:
         A `PrecisionPlan`.
@@ -158,18 +204,25 @@ def plan(name: str = "auto", hardware: Hardware | None = None) -> PrecisionPlan:
     """
     _check_name(name)
     hw = hardware or detect()
+    if name == "auto":
+        measured = _from_measurement(hw, measure)
+        if measured is not None:
+            return measured
     best, best_jit, why = recommend(hw)
     if name == "auto" or name == best:
         jit, why = _on_backend(best_jit, why)
-        return PrecisionPlan(best, best == "mixed_float16", jit, hw.describe(), why)
+        return PrecisionPlan(best, best == "mixed_float16", jit, hw.describe(), why,
+                             decided_by="rule table" if name == "auto" else "request")
     warning = _warning_for(name, hw)
     # XLA: on accelerators always; on CPU it helps float32 and float16 but hurts bfloat16.
     jit, reason = _on_backend(hw.kind != "cpu" or name != "mixed_bfloat16",
                               f"explicitly requested; auto would pick {best}.")
-    return PrecisionPlan(name, name == "mixed_float16", jit, hw.describe(), reason, warning)
+    return PrecisionPlan(name, name == "mixed_float16", jit, hw.describe(), reason, warning,
+                         decided_by="request")
 
 
-def set_policy(name: str = "auto", hardware: Hardware | None = None) -> PrecisionPlan:
+def set_policy(name: str = "auto", hardware: Hardware | None = None,
+               measure=None) -> PrecisionPlan:
     """Sets the Keras global dtype policy: the one switch.
 
     After it, unchanged `model.compile` / `model.fit` trains in mixed precision (Keras wraps the
@@ -180,6 +233,10 @@ def set_policy(name: str = "auto", hardware: Hardware | None = None) -> Precisio
             hardware. An explicit choice that is slow here is honoured with a warning.
             Defaults to "auto".
         hardware: Hardware or None. Defaults to `kmp.hardware.detect()`.
+        measure: GPTConfig, callable or None. With "auto", decide by measuring (see `plan`):
+            e.g. `set_policy("auto", measure=kmp.gpt.preset("small"))` trains every
+            candidate a few steps (`kmp tune`) or takes its cached result. Defaults to None:
+            the cached `kmp tune` of this machine if any, else the rule table.
 
     Returns:
         The `PrecisionPlan` that was applied.
@@ -195,7 +252,7 @@ def set_policy(name: str = "auto", hardware: Hardware | None = None) -> Precisio
     """
     import keras
 
-    chosen = plan(name, hardware)
+    chosen = plan(name, hardware, measure)
     if chosen.warning:
         warnings.warn(f"kmp: {chosen.policy} honoured, but {chosen.warning}", stacklevel=2)
     keras.config.set_dtype_policy(chosen.policy)

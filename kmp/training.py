@@ -66,7 +66,10 @@ def compile(  # noqa: A001 - mirrors keras.Model.compile on purpose
         metrics: metrics for `model.compile`. Defaults to None.
         jit_compile: bool or None. None takes the plan's recommendation for the model's policy
             on this hardware. Defaults to None.
-        islands: bool. Put the float32 attention islands in (`kmp.harden`). Defaults to True.
+        islands: bool or str. The attention kernel, as `kmp.harden`'s `attention`: "island"
+            (or True) puts the float32 attention islands in, "fused" (or False) keeps or
+            restores Keras's own kernel, "auto" decides by a cached measurement on this
+            machine (`kmp.decisions`). Defaults to True.
         float32_residual: bool. Make a keras-hub GPT-2 style backbone's residual stream
             float32 (`kmp.harden(float32_residual=True)`), with or without `islands`.
             Defaults to False.

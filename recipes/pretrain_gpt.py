@@ -3,6 +3,7 @@
     kmp pretrain                                   # the tiny preset on the stdlib corpus
     kmp pretrain --preset small --precision mixed_bfloat16 --out runs/small
     kmp pretrain --processes 2                    # data-parallel over 2 local processes (JAX)
+    kmp --devices 4 pretrain --mesh data=2,model=2 --shard fsdp+tp   # sharded (JAX)
     python recipes/pretrain_gpt.py --steps 100    # the same script, from a checkout
 
 Writes to --out: config.json, checkpoints/ (what --resume continues from), tensorboard/,
@@ -24,10 +25,11 @@ import kmp
 from kmp import backends, distributed, faults, recovery
 from kmp.callbacks import PrecisionMonitor, TensorBoardScalars, Throughput
 from kmp.checkpoint import Checkpoint, precision_change, prepare_run, restore
-from kmp.gpt import data, report
+from kmp.gpt import data, report, sharding
 from kmp.gpt.config import RESUME_FIXED, GPTConfig, add_arguments, from_args
 from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer, use_float8
 from kmp.hardware import detect, peak_flops
+from kmp.layers import attention_choices
 
 
 def parse_config(argv=None) -> GPTConfig:
@@ -60,6 +62,9 @@ def main(argv=None) -> int:
         devices = distributed.join(config.processes, Path(config.out).expanduser() / "logs")
         print("config:\n" + config.to_json())
         out, record = prepare(config)
+        if config.mesh:  # weights and batch split over a device mesh (kmp.gpt.sharding)
+            with sharding.distribute(config) as devices:
+                return train(config, out, record, devices, started)
         if devices:  # across processes: one SPMD program over every process's devices
             return train(config, out, record, devices, started)
         with backends.distribution(config.strategy) as replicas:  # one device, or mirrored
@@ -121,8 +126,10 @@ def train_from(record, config: GPTConfig, out: Path, cache, val_ds, precision, l
     # recovers from it.
     budget = None if config.recover else config.max_skips * config.grad_accum
     kmp.compile(model, make_optimizer(config, model, ladder.lr_windows), loss=loss,
-                weighted_metrics=[], jit_compile=jit,
+                weighted_metrics=[], jit_compile=jit, islands=_attention(config, precision),
                 loss_scale={"max_consecutive_skips": budget} if precision.loss_scaling else None)
+    for choice in attention_choices(model):  # measured once per machine, then cached
+        print(f"attention: {choice}")
     print(f"model: GPT-2 {config.num_layers} layers x {config.hidden_dim} wide, "
           f"{model.count_params():,} parameters, {replicas} replica(s), "
           f"backend {backends.name()}")
@@ -172,6 +179,14 @@ def train_from(record, config: GPTConfig, out: Path, cache, val_ds, precision, l
                   validation_data=val_ds, callbacks=callbacks, shuffle=False,
                   verbose=1 if sys.stdout.isatty() else 2)
     return model, history, throughput
+
+
+def _attention(config: GPTConfig, precision) -> str:
+    """--attention, except that under "auto" a `kmp tune` measurement that found the island
+    faster keeps it (a fused kernel is only ever kept where it measures as precise)."""
+    if config.attention == "auto" and precision.attention == "island":
+        return "island"
+    return config.attention
 
 
 if __name__ == "__main__":

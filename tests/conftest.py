@@ -6,13 +6,19 @@ use tf.distribute or other TensorFlow-only API and run only under TensorFlow.
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# kmp's measured decisions (attention kernel, kmp tune) are cached per run of the suite, not in
+# the user's ~/.cache/kmp: a cached tune there would change what set_policy("auto") returns.
+os.environ.setdefault("KMP_CACHE_DIR", tempfile.mkdtemp(prefix="kmp-test-decisions-"))
 BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 if BACKEND == "jax":  # two CPU devices for keras.distribution tests
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=2").strip()
+
+__import__("kmp")  # before Keras: keeps JAX off CUDA where there is no driver (kmp/__init__.py)
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

@@ -151,3 +151,14 @@ def test_reading_a_config_loads_neither_keras_nor_a_recipe_module():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_no_public_name_is_also_a_submodule_name():
+    # `import kmp.gpt.X` sets the package's attribute X to the module: a function exported
+    # under the same name would turn into a module once anything imported the submodule.
+    import importlib
+    import pkgutil
+
+    for package in (importlib.import_module("kmp"), importlib.import_module("kmp.gpt")):
+        modules = {m.name for m in pkgutil.iter_modules(package.__path__)}
+        assert not {n for n, m in package._EXPORTS.items() if m and n in modules}, package

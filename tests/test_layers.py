@@ -261,7 +261,7 @@ def test_keras_internals_and_backend_checks_stay_in_their_one_place():
     kmp/backends, for the islands, diagnostics, scaler, compile, policy and hardware code."""
     root = pathlib.Path(L.__file__).parents[1]
     files = [root / "scaling.py", root / "training.py", root / "policy.py",
-             root / "hardware.py", *(root / "layers").glob("*.py"),
+             root / "hardware.py", root / "decisions.py", *(root / "layers").glob("*.py"),
              *(root / "diagnostics").glob("*.py"), *(root / "backends").glob("*.py")]
     found = []
     for path in files:

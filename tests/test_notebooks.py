@@ -15,8 +15,8 @@ def _code(path):
             for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
 
 
-def test_there_are_six_notebooks_with_outputs_and_a_size_switch():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+def test_there_are_eight_notebooks_with_outputs_and_a_size_switch():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08"]
     for path in NOTEBOOKS:
         cells = json.loads(path.read_text())["cells"]
         assert any(c.get("outputs") for c in cells if c["cell_type"] == "code"), path.name

@@ -22,6 +22,12 @@ CPU_AMX = Hardware("cpu", "Xeon", count=2, cpu_flags=("amx_bf16",))
 CPU = Hardware("cpu", "old", count=2)
 
 
+@pytest.fixture(autouse=True)
+def _own_decisions_cache(tmp_path, monkeypatch):
+    """No `kmp tune` measurement cached by whoever ran kmp on this machine decides here."""
+    monkeypatch.setenv("KMP_CACHE_DIR", str(tmp_path / "kmp-cache"))
+
+
 @pytest.mark.parametrize(
     "hw, policy, jit",
     [
@@ -222,3 +228,28 @@ def test_auto_trains_on_this_gpu():
     x = np.random.default_rng(0).normal(size=(256, 64)).astype("float32")
     loss = model.fit(x, x[:, :1], batch_size=64, epochs=3, verbose=0).history["loss"]
     assert np.isfinite(loss).all() and loss[-1] < loss[0]
+
+
+def test_auto_says_whether_the_rule_table_or_a_measurement_decided():
+    from kmp import decisions
+
+    assert kmp.plan("auto", CPU_AMX).decided_by == "rule table"
+    assert kmp.plan("mixed_bfloat16", CPU_AMX).decided_by == "request"
+    tuned = {"policy": "float32", "jit_compile": True, "attention": "island",
+             "reason": "float32 was fastest (kmp tune)", "table": "", "seconds": 1.0}
+    decisions.record(decisions.key("precision", CPU_AMX, model="any"), tuned)
+    p = kmp.plan("auto", CPU_AMX)
+    assert (p.policy, p.jit_compile, p.attention) == ("float32", True, "island")
+    assert p.decided_by == "cached measurement" and "by cached measurement" in str(p)
+    assert kmp.plan("auto", CPU_BF16).decided_by == "rule table"  # another machine
+    assert kmp.plan("mixed_bfloat16", CPU_AMX).policy == "mixed_bfloat16"  # requests win
+
+
+def test_auto_with_a_measure_callable_uses_its_result():
+    class Result:
+        policy, jit_compile, attention, source = "mixed_float16", False, "fused", "measured"
+        reason = "fp16 fastest"
+
+    p = kmp.set_policy("auto", CPU_AMX, measure=lambda: Result())
+    assert (p.policy, p.loss_scaling, p.decided_by) == ("mixed_float16", True, "measurement")
+    assert keras.config.dtype_policy().name == "mixed_float16"

@@ -46,10 +46,13 @@ def test_tiny_run_writes_every_output(tmp_path, fake_hardware):
                        "--samples", "2")
     assert list(metrics) == ["policy", "steps", "final_train_loss", "val_loss", "val_perplexity",
                              "tokens_per_sec", "mfu", "skipped_steps", "final_loss_scale",
-                             "recoveries", "processes", "weights_sha256", "wall_seconds"]
+                             "recoveries", "attention", "processes", "state_bytes_per_device",
+                             "weights_sha256", "wall_seconds"]
     assert metrics["policy"] == "float32" and metrics["steps"] == 6 and metrics["processes"] == 1
     assert metrics["mfu"] is None and metrics["final_loss_scale"] is None  # no scaling
     assert metrics["recoveries"] == []
+    assert metrics["attention"]["choice"] == "fused"  # float32: nothing to harden
+    assert metrics["attention"]["source"] == "float32 policy"
     assert math.isclose(metrics["val_perplexity"], math.exp(metrics["val_loss"]), rel_tol=1e-6)
     for name in ("config.json", "loss.png", "samples.txt", "model.keras", "history.json"):
         assert (out / name).stat().st_size > 0, name

@@ -16,6 +16,7 @@ import numpy as np
 
 from kmp._keras import own_variables, recorded_outputs, walk
 from kmp.errors import UserError
+from kmp.layers.harden import attention_choices
 from kmp.layers.head import LMHead
 from kmp.layers.islands import _Float32Island
 
@@ -45,6 +46,7 @@ class Audit:
     layers: list
     warnings: list
     model_output_dtypes: tuple
+    attention: tuple = ()  # kmp.layers.AttentionChoice: what kmp.harden kept, and why
 
     def table(self) -> str:
         """The rows as a Markdown table."""
@@ -58,8 +60,9 @@ class Audit:
 
     def __str__(self):
         warn = "\n".join(f"warning: {w}" for w in self.warnings) or "no warnings"
+        kernels = "".join(f"\nattention kernel: {c}" for c in self.attention)
         return f"{self.table()}\n\nmodel output dtype(s): " \
-               f"{', '.join(self.model_output_dtypes)}\n{warn}"
+               f"{', '.join(self.model_output_dtypes)}{kernels}\n{warn}"
 
 
 def sample_inputs(model, batch: int = 2, length: int = 16, seed: int = 0):
@@ -202,4 +205,4 @@ def audit(model, x=None) -> Audit:
     if odd_shapes:
         warnings.append("matmul dims not multiples of 8 miss Tensor Cores: "
                         + "; ".join(odd_shapes) + ". Pad them (e.g. the vocabulary to 64).")
-    return Audit(rows, warnings, model_out)
+    return Audit(rows, warnings, model_out, tuple(attention_choices(model)))

@@ -13,8 +13,10 @@ _EXPORTS = {
     "attach_preprocessor": "kmp.gpt.run",
     "build_model": "kmp.gpt.model",
     "build_token_cache": "kmp.gpt.data",
+    "compiled_plan": "kmp.gpt.compiled",
     "estimate_memory": "kmp.gpt.memory",
     "export_run": "kmp.gpt.export",
+    "finetune_preset": "kmp.gpt.finetune_hub",
     "finetune_run": "kmp.gpt.finetune",
     "FinishedRun": "kmp.gpt.run",
     "flops_per_token": "kmp.gpt.model",
@@ -23,6 +25,8 @@ _EXPORTS = {
     "GPTCausalLM": "kmp.gpt.model",
     "GPTConfig": "kmp.gpt.config",
     "lm_loss": "kmp.gpt.model",
+    "load_causal_lm": "kmp.gpt.lora",
+    "load_finetuned": "kmp.gpt.lora",
     "load_model": "kmp.gpt.model",
     "make_optimizer": "kmp.gpt.model",
     "memory_table": "kmp.gpt.memory",
@@ -34,9 +38,12 @@ _EXPORTS = {
     "PRESETS": "kmp.gpt.config",
     "quantize_run": "kmp.gpt.quantize",
     "sample_text": "kmp.gpt.report",
+    "shape_for_params": "kmp.gpt.plan",
     "TokenCache": "kmp.gpt.data",
     "train_dataset": "kmp.gpt.data",
     "val_dataset": "kmp.gpt.data",
+    "what_fits": "kmp.gpt.plan",
+    "write_run_preset": "kmp.gpt.hub_preset",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,8 +19,8 @@ from kmp.policy import CHOICES
 STRATEGIES = ("default", "mirrored")
 # Fields only a training run (`kmp pretrain`) reads: the measuring commands (bench, memory,
 # the diagnoses) leave them out of their --help.
-RUN_ONLY = ("jit", "strategy", "processes", "prompt", "samples", "resume", "val_every",
-            "val_batches", "recover", "max_skips", "spike_factor", "spike_window",
+RUN_ONLY = ("jit", "strategy", "processes", "mesh", "shard", "prompt", "samples", "resume",
+            "val_every", "val_batches", "recover", "max_skips", "spike_factor", "spike_window",
             "recover_attempts", "recover_stretch", "inject_fault", "float8")
 # What a resumed run cannot change, and why (kmp.checkpoint.prepare_run).
 RESUME_FIXED = {
@@ -78,9 +78,19 @@ class GPTConfig:
             "blocks" (each transformer block keeps only its input for the backward pass and
             recomputes the rest) or "full" (every layer). The same losses, more compute;
             the memory saved is the compiler's to realize (docs/pretraining.md).
+        attention: str. The attention kernel under a mixed policy: "auto" (measured once on
+            this machine and cached: Keras's fused kernel where its probabilities are as
+            precise as kmp's float32 island, the island elsewhere; `kmp.harden`), "island"
+            or "fused".
         strategy: str. "default" or "mirrored".
         processes: int. Worker processes training data-parallel on the JAX backend
             (`kmp.distributed`); 1: this process alone.
+        mesh: str. Train on a device mesh, "data=D,model=M" (JAX backend,
+            `kmp.gpt.sharding`): the batch split over D, and what `shard` says over both;
+            the mesh spans every process's devices. Empty: no mesh.
+        shard: str. What the mesh splits besides the batch: "fsdp" (every weight and its
+            optimizer state over the data axis), "tp" (attention and MLP Megatron-style over
+            the model axis), "fsdp+tp" (both). Empty: nothing (data parallelism).
         corpus: str. "stdlib", or a file, directory or glob of UTF-8 text.
         cache_dir: str. Where tokenizers and token caches are kept between runs.
         prompt: str. Prompt for the samples written at the end.
@@ -132,8 +142,11 @@ class GPTConfig:
     jit: bool | None = None
     logits: str = "compute"
     remat: str = "none"
+    attention: str = "auto"
     strategy: str = "default"
     processes: int = 1
+    mesh: str = ""
+    shard: str = ""
     corpus: str = "stdlib"
     cache_dir: str = "~/.cache/kmp"
     prompt: str = "def"
@@ -177,6 +190,9 @@ class GPTConfig:
         if self.remat not in ("none", "blocks", "full"):
             raise UserError(f"Unknown remat {self.remat!r}. Use one of: none, blocks, full.",
                             field="remat")
+        if self.attention not in ("auto", "island", "fused"):
+            raise UserError(f"Unknown attention {self.attention!r}. Use one of: auto, island, "
+                            "fused.", field="attention")
         if self.strategy not in STRATEGIES:
             raise UserError(
                 f"Unknown strategy {self.strategy!r}. Use one of: {', '.join(STRATEGIES)}.",
@@ -199,6 +215,10 @@ class GPTConfig:
         if self.vocab_size > 65536:
             raise UserError(f"vocab_size must be at most 65536 (tokens are stored as uint16). "
                             f"Received: vocab_size={self.vocab_size}", field="vocab_size")
+        if self.mesh or self.shard:
+            from kmp.gpt.sharding import check  # plain Python: Keras stays unloaded
+
+            check(self)
         if self.samples < 0:
             raise UserError(f"samples must be >= 0. Received: {self.samples}", field="samples")
         if not self.spike_factor > 1:
@@ -303,6 +323,10 @@ PRESETS = {
     "small": _small,
     "gpt2-124m": lambda: _gpt2("gpt2-124m", 12, 768, 12),  # GPT-2 small
     "gpt2-355m": lambda: _gpt2("gpt2-355m", 24, 1024, 16),  # GPT-2 medium
+    "gpt2-774m": lambda: _gpt2("gpt2-774m", 36, 1280, 20),  # GPT-2 large
+    "gpt2-1.5b": lambda: _gpt2("gpt2-1.5b", 48, 1600, 25),  # GPT-2 XL
+    # GPT-3 6.7B's shape (Brown et al. 2020, table 2.1) in GPT-2's architecture, for planning.
+    "gpt-6.7b": lambda: _gpt2("gpt-6.7b", 32, 4096, 32),
 }
 
 

@@ -65,7 +65,7 @@ def main(argv: list[str], command: str) -> int:
                             help="relative error to flag (default: by compute dtype)")
     opts = parser.parse_args(argv)
     config, model, where, plan = _model(opts)
-    kmp.compile(model, make_optimizer(config, model), lm_loss())
+    kmp.compile(model, make_optimizer(config, model), lm_loss(), islands=config.attention)
     cache = data.build_token_cache(config.corpus, config.vocab_size, config.cache_dir)
     tokens, targets = data.window_batch(cache.val, config.seq_len, config.batch_size,
                                         config.seed, 0)

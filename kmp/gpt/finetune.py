@@ -235,7 +235,13 @@ def plot(result: dict, path) -> None:
 
 
 def main(argv) -> int:
-    """`kmp finetune`: parses `argv` (the arguments after the command) and runs it."""
+    """`kmp finetune`: parses `argv` (the arguments after the command) and runs it: QAT of a
+    run (`--run DIR --qat int4`), or fine-tuning of a keras-hub preset (`--preset`,
+    `kmp.gpt.finetune_hub`)."""
+    if any(a == "--preset" or a.startswith("--preset=") for a in argv):
+        from kmp.gpt.finetune_hub import main as tune_main
+
+        return tune_main(argv)
     parser = argparse.ArgumentParser(
         prog="kmp finetune", description="Quantization-aware fine-tuning of a finished `kmp "
         "pretrain` run: train on with fake-quantized int4 weights (straight-through "

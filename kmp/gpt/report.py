@@ -13,6 +13,7 @@ import keras
 from kmp import distributed
 from kmp.callbacks import BatchLoss
 from kmp.checkpoint import optimizer_steps, write_json_atomic
+from kmp.gpt.sharding import state_bytes_per_device
 from kmp.hardware import detect
 from kmp.scaling import LossScaleOptimizer
 
@@ -159,6 +160,29 @@ def summary(metrics: dict, vocab_size: int) -> str:
     ])
 
 
+def attention_summary(model) -> dict | None:
+    """metrics.json's `attention` entry: the kernel `kmp.harden` chose ("fused", "island", or
+    "mixed" when shape classes differ), the measured worst errors in ulps of the compute
+    dtype (fused path vs float32 island), the tolerance, and whether the numbers were
+    "measured" or "cached" (`kmp.layers.attention_choices`); None before `harden`."""
+    from kmp.layers import attention_choices
+
+    choices = attention_choices(model)
+    if not choices:
+        return None
+    first = choices[0]
+
+    def worst(name):
+        return max((getattr(c, name) for c in choices if getattr(c, name) is not None),
+                   default=None)
+
+    return {"choice": first.choice if len({c.choice for c in choices}) == 1 else "mixed",
+            "requested": first.requested, "source": first.source,
+            "compute_dtype": first.compute_dtype, "fused_ulps": worst("fused_ulps"),
+            "island_ulps": worst("island_ulps"), "tolerance_ulps": first.tolerance_ulps,
+            "classes": [c.as_dict() for c in choices]}
+
+
 def weights_checksum(model) -> str:
     """SHA-256 of every weight's bytes, in order: equal across processes that agree."""
     digest = hashlib.sha256()
@@ -170,8 +194,9 @@ def weights_checksum(model) -> str:
 def finish(model, config, out, cache, val_ds, history: LossHistory, throughput,
            recoveries: list, started: float) -> int:
     """A finished run's outputs in `out`: the validation loss (evaluated by every process),
-    then, by process 0, samples.txt, loss.png, history.json, metrics.json and model.keras
-    (with its tokenizer, so `load_model(path).generate(...)` works), and the closing lines.
+    then, by process 0, samples.txt, loss.png, history.json, metrics.json, model.keras
+    (with its tokenizer, so `load_model(path).generate(...)` works) and preset/ (a plain
+    keras-hub preset, `kmp.gpt.hub_preset`), and the closing lines.
     `recoveries` are the run's (`kmp.recovery.RecoveryPlan.recoveries`). Returns the exit
     status, 0."""
     from kmp.gpt.run import attach_preprocessor
@@ -204,7 +229,9 @@ def finish(model, config, out, cache, val_ds, history: LossHistory, throughput,
         "skipped_steps": int(state.get("skipped_steps", 0)),
         "final_loss_scale": state.get("loss_scale"),
         "recoveries": recoveries,
+        "attention": attention_summary(model),
         "processes": distributed.process_count(),
+        "state_bytes_per_device": state_bytes_per_device(model),
         "weights_sha256": checksum,
         "wall_seconds": time.time() - started,
     }
@@ -216,10 +243,14 @@ def finish(model, config, out, cache, val_ds, history: LossHistory, throughput,
     with distributed.local():
         model.save(tmp)
     os.replace(tmp, out / "model.keras")
+    from kmp.gpt.hub_preset import write_run_preset
+
+    with distributed.local():  # process 0 alone, like model.keras
+        write_run_preset(out, log=lambda *a: None)  # preset/: keras-hub's own classes
 
     if samples:
         print(f"\nsample ({config.prompt!r}):\n{samples[0]}\n")
     print(summary(metrics, config.vocab_size))
     print(f"outputs in {out}/: metrics.json, history.json, samples.txt, loss.png, "
-          "model.keras, checkpoints/, tensorboard/")
+          "model.keras, preset/, checkpoints/, tensorboard/")
     return 0

@@ -1,0 +1,374 @@
+"""A keras-hub CausalLM made ready to fine-tune: loaded from a preset, its base quantized,
+LoRA put in, and saved back as a preset.
+
+What Keras 3.15.1 does, read in `keras/src/layers/core/dense.py` and `einsum_dense.py`, and
+what kmp does about it:
+
+- `enable_lora` creates the adapters `lora_kernel_a` (he_uniform) and `lora_kernel_b`
+  (zeros) with `dtype="float32"`: float32 masters under any policy; the forward pass casts
+  to the compute dtype. keras-hub's `Backbone.enable_lora(rank, target_layer_names)`
+  freezes every layer, then re-enables the targets, whose kernel `enable_lora` freezes.
+- Their **biases stay trainable** (only `_kernel.trainable` is cleared). kmp freezes them:
+  a LoRA run trains the adapters alone, so the frozen base is bit-for-bit the preset's and
+  `adapters.lora.h5` (which holds only the adapters) is the whole fine-tune; with
+  `train_embeddings` the token embedding also trains, in full, and `save_trained` writes it
+  beside the adapters.
+- On a GPTQ layer `enable_lora` raises NotImplementedError; on a float8 layer it succeeds
+  but the first call raises NotImplementedError (`_float8_call`); an AWQ layer's
+  `_awq_call` multiplies by the dequantized kernel and never reads the adapters, so LoRA
+  would train nothing. kmp refuses all three with one line (`check_lora_base`).
+- On int8 and int4 layers LoRA is added to the quantized matmul's output (QLoRA-style:
+  the base stays quantized; gradients reach the adapters through the dequantized kernel).
+- Saving a LoRA layer merges the adapters into its kernel; an int8/int4 kernel is
+  dequantized, merged and re-quantized with new scales (`_get_kernel_with_merged_lora`),
+  which adds quantization error: the merged int8/int4 preset is not the model that was
+  measured, and kmp reports both losses and keeps base + adapters as the exact form.
+
+Keras has no NF4, no double quantization and no 8-bit optimizer state. kmp offers Keras's
+int4 (symmetric, per-group scales, `--base int4`) and int8 (per-channel) bases, float32
+LoRA masters, and Adam moments only for the adapters (a few percent of the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import keras
+
+from kmp._keras import flatten_layers
+from kmp.errors import UserError
+
+BASES = ("float", "int8", "int4")
+INT4_BLOCK = 128  # Keras's default int4 group size, capped at the model width
+
+
+def load_causal_lm(preset, dtype=None):
+    """A keras-hub `CausalLM` with its preprocessor, from a preset directory or name.
+
+    Args:
+        preset: str or Path. A local preset directory (what `save_to_preset` writes), or a
+            keras-hub preset name or handle, which needs a download (or a local copy in the
+            Kaggle/Hugging Face cache).
+        dtype: str or None. The dtype policy to build under. Defaults to the global one.
+
+    Returns:
+        A `keras_hub.models.CausalLM`.
+
+    Raises:
+        UserError: for a directory that is not a CausalLM preset, or a name that cannot be
+            loaded here.
+    """
+    import keras_hub
+
+    dtype = dtype or keras.config.dtype_policy().name
+    path = Path(str(preset)).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--preset {preset} is a directory without config.json, not a "
+                            "keras-hub preset. Pass a directory that save_to_preset wrote.",
+                            field="preset")
+        try:
+            # A quantized preset saves a DTypePolicyMap (each layer's quantization, the
+            # default policy left to the global one): a `dtype` argument would replace it.
+            saved = json.loads((path / "config.json").read_text())["config"].get("dtype")
+            quantized = isinstance(saved, dict) and saved.get("class_name") == "DTypePolicyMap"
+            return keras_hub.models.CausalLM.from_preset(
+                str(path), **({} if quantized else {"dtype": dtype}))
+        except (ValueError, OSError, KeyError) as e:
+            raise UserError(f"--preset {preset} is not a keras-hub CausalLM preset "
+                            f"({str(e)[:120]}). Pass a directory with a task.json and a "
+                            "tokenizer (CausalLM.save_to_preset).", field="preset") from None
+    known = str(preset) in keras_hub.models.CausalLM.presets or "://" in str(preset)
+    if not known:
+        raise UserError(f"--preset {preset!r} is neither a directory nor a keras-hub preset "
+                        "name. Presets need a download (or a local copy): pass a directory "
+                        "written by save_to_preset, or a name from "
+                        "keras_hub.models.CausalLM.presets.", field="preset")
+    try:
+        return keras_hub.models.CausalLM.from_preset(str(preset), dtype=dtype)
+    except Exception as e:  # a download that failed: the network, credentials, a cache
+        raise UserError(f"--preset {preset!r} could not be loaded ({type(e).__name__}: "
+                        f"{str(e)[:100]}). Presets need a download: run once where the "
+                        "network reaches Kaggle/Hugging Face, save_to_preset a local copy, "
+                        "and pass its directory.", field="preset") from None
+
+
+def max_sequence_length(model):
+    """The longest sequence the backbone takes, or None when it has no limit (rotary)."""
+    value = getattr(model.backbone, "max_sequence_length", None)
+    return int(value) if value else None
+
+
+def quantization_modes(model) -> set:
+    """The quantization modes of the model's layers (None for float layers left out)."""
+    return {layer.quantization_mode for layer in flatten_layers(model)
+            if getattr(layer, "quantization_mode", None)}
+
+
+def quantize_base(model, base: str):
+    """Quantizes every Dense/EinsumDense and the token embedding of a CausalLM's backbone in
+    place with Keras's int8 or int4 (groups of `INT4_BLOCK`, at most the model width); an
+    int8 base keeps the embedding in float (see `_not_reversible`); "float" leaves the model.
+    Returns the model.
+
+    Raises:
+        UserError: for an unknown `base`, or a base already quantized.
+    """
+    if base not in BASES:
+        raise UserError(f"Unknown base {base!r}. Use one of: {', '.join(BASES)}.", field="base")
+    if base == "float":
+        return model
+    if quantization_modes(model):
+        raise UserError(f"--base {base}: the preset is already quantized "
+                        f"({', '.join(sorted(quantization_modes(model)))}). Use --base float "
+                        "to fine-tune it as it is.", field="base")
+    if base == "int8" and keras.config.dtype_policy().compute_dtype == "float16":
+        raise UserError("--base int8 under mixed_float16 is refused by Keras (its int8 "
+                        "products, rescaled, overflow float16). Use --precision "
+                        "mixed_bfloat16 or float32, or --base int4.", field="base")
+    config = None
+    if base == "int4":
+        width = getattr(model.backbone, "hidden_dim", INT4_BLOCK)
+        config = keras.quantizers.Int4QuantizationConfig(block_size=min(INT4_BLOCK, width))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        warnings.filterwarnings("ignore", message="Invalid quantization mode")
+        model.backbone.quantize(base, config=config,
+                                filters=None if base != "int8" else _not_reversible)
+    return model
+
+
+def _not_reversible(layer) -> bool:
+    """False for a ReversibleEmbedding (the token embedding and vocabulary projection).
+
+    Keras 3.15.1's int8 reverse projection (`ReversibleEmbedding._int8_call(reverse=True)`)
+    quantizes its inputs with no custom gradient: the gradient reaches the hidden states only
+    through the inputs' abs-max scale, never through the product, and LoRA below it diverges
+    (measured: validation loss 6.24 -> 13.3 in 200 steps, where int4 and float bases fall to
+    5.98). So an int8 base keeps the embedding in float; int4's reverse projection is
+    weight-only and trains correctly."""
+    return not hasattr(layer, "tie_weights")
+
+
+_NO_LORA = {
+    "gptq": "Keras's enable_lora raises on GPTQ layers",
+    "awq": "Keras's AWQ forward pass never reads LoRA adapters, so they would train nothing",
+    "float8": "Keras's float8 forward pass raises on LoRA layers",
+}
+
+
+def check_lora_base(model) -> None:
+    """Raises a one-line UserError when LoRA cannot train on `model`'s quantization."""
+    for mode in sorted(quantization_modes(model) & set(_NO_LORA)):
+        raise UserError(f"LoRA on a {mode} base is not supported ({_NO_LORA[mode]}, Keras "
+                        f"{keras.__version__}). Fine-tune a float preset with --base float, "
+                        "int8 or int4.", field="lora")
+
+
+def lora_candidates(model) -> list:
+    """Names of the layers that can take LoRA (Dense/EinsumDense), sorted. Embeddings have
+    `enable_lora` too, but keras-hub's `save_lora_weights` reads `lora_kernel_a`, which an
+    embedding's LoRA does not have (keras-hub 0.32): they are left out."""
+    return sorted({layer.name for layer in flatten_layers(model.backbone)
+                   if hasattr(layer, "enable_lora") and layer.weights
+                   and not isinstance(layer, keras.layers.Embedding)})
+
+
+def enable_lora(model, rank: int, targets=None) -> list:
+    """Puts rank-`rank` LoRA adapters into the `targets` layers of a CausalLM's backbone,
+    freezing everything else, biases of the targets included.
+
+    Args:
+        model: a keras-hub CausalLM (float, int8 or int4 base).
+        rank: int. The adapters' rank (alpha = rank, keras-hub's default).
+        targets: list of str or None. Layer names (`lora_candidates`). Defaults to the
+            backbone's `default_lora_layer_names()` (the query and value projections).
+
+    Returns:
+        The layers LoRA was put into.
+
+    Raises:
+        UserError: for a rank below 1, a GPTQ/AWQ/float8 base, or targets naming no layer.
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise UserError(f"--lora must be a positive integer rank. Received: {rank!r}",
+                        field="lora")
+    check_lora_base(model)
+    backbone = model.backbone
+    names = list(targets) if targets else backbone.default_lora_layer_names()
+    unknown = set(names) - set(lora_candidates(model))
+    if targets and unknown:
+        raise UserError(f"--lora-targets {', '.join(sorted(unknown))} name no Dense or "
+                        f"EinsumDense layer of this model. Use some of: "
+                        f"{', '.join(lora_candidates(model))}.", field="lora_targets")
+    backbone.enable_lora(rank, target_layer_names=names)
+    layers = [layer for layer in flatten_layers(backbone) if getattr(layer, "lora_enabled",
+                                                                     False)]
+    if not layers:
+        raise UserError(f"LoRA found none of the layers {', '.join(names)} in this model. "
+                        f"Pass --lora-targets from: {', '.join(lora_candidates(model))}.",
+                        field="lora_targets")
+    for layer in layers:  # keras-hub leaves the targets' biases trainable: kmp does not
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.trainable = False
+    return layers
+
+
+def train_embeddings(model) -> list:
+    """Makes the token embedding of a LoRA model's backbone train in full beside the
+    adapters (PEFT's `modules_to_save`). In GPT-2 and Gemma it is tied to the vocabulary
+    projection; where it is not (Llama), its `reverse_embeddings` train too. A transfer that
+    changes which tokens are frequent moves it most, and LoRA alone leaves it frozen.
+
+    Args:
+        model: a keras-hub CausalLM with LoRA enabled (`enable_lora`).
+
+    Returns:
+        The variables made trainable.
+
+    Raises:
+        UserError: when the backbone has no `token_embedding`, or it is quantized (an int4
+            base: quantized weights cannot train).
+    """
+    layer = getattr(model.backbone, "token_embedding", None)
+    if layer is None or not layer.weights:
+        raise UserError(f"--train-embeddings: {type(model.backbone).__name__} has no "
+                        "token_embedding layer. Fine-tune without --train-embeddings.",
+                        field="train_embeddings")
+    if getattr(layer, "quantization_mode", None):
+        raise UserError(f"--train-embeddings on a {layer.quantization_mode} base: the token "
+                        "embedding is quantized and cannot train. Use --base float or int8 "
+                        "(which keeps the embedding in float).", field="train_embeddings")
+    layer.trainable = True
+    return list(layer.trainable_variables)
+
+
+def trained_name(adapters: str) -> str:
+    """The file of fully trained weights beside an adapters file: `x.lora.h5` ->
+    `x.trained.h5`."""
+    return adapters.replace(".lora.h5", ".trained.h5")
+
+
+def save_trained(model, path) -> bool:
+    """Writes the fully trained (not LoRA) variables of a LoRA model to `path` (HDF5, one
+    dataset per variable path, float32 masters as they are). Returns whether there were any
+    (nothing is written otherwise)."""
+    import h5py
+
+    found = [v for v in model.trainable_variables if "lora_kernel" not in v.path]
+    if not found:
+        return False
+    with h5py.File(path, "w") as f:
+        for v in found:
+            f[v.path] = keras.ops.convert_to_numpy(v)
+    return True
+
+
+def load_trained(model, path) -> None:
+    """Assigns the variables `save_trained` wrote to `path` into `model`, by path.
+
+    Raises:
+        UserError: when the file names a variable `model` does not have, or of another shape.
+    """
+    import h5py
+
+    variables = {v.path: v for v in model.weights}
+    with h5py.File(path, "r") as f:
+        names = []
+        f.visit(lambda name: names.append(name) if isinstance(f[name], h5py.Dataset) else None)
+        for name in names:
+            if name not in variables or tuple(variables[name].shape) != f[name].shape:
+                raise UserError(f"{path} holds {name} {f[name].shape}, which this model does "
+                                "not have. Load it into the model it was trained from.",
+                                field="preset")
+            variables[name].assign(f[name][()])
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts: elements of the model's variables (a packed int4
+    kernel counts the bytes it stores)."""
+    trainable = sum(int(v.numpy().size) for v in model.trainable_weights)
+    total = sum(int(v.numpy().size) for v in model.weights)
+    return trainable, total
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's variables as stored (int8/int4 kernels at their size)."""
+    return sum(int(v.numpy().nbytes) for v in model.weights)
+
+
+def adapters_name(batches: int) -> str:
+    """The adapters file saved beside the checkpoint after `batches` batches."""
+    return f"adapters-{batches:08d}.lora.h5"
+
+
+class AdapterCheckpoint(keras.callbacks.Callback):
+    """Saves the LoRA adapters beside each `kmp.checkpoint.Checkpoint`
+    (`adapters-<batches>.lora.h5`, the two newest kept). Keras 3.15.1 saves a LoRA layer's
+    kernel with the adapters merged in (an int8/int4 kernel re-quantized) and zeroes the
+    adapters when it loads one: a checkpoint alone resumes the same function but not the
+    same parameters."""
+
+    def __init__(self, checkpoint):
+        super().__init__()
+        self.checkpoint = checkpoint
+
+    def on_epoch_end(self, epoch, logs=None):
+        if getattr(self.model, "stop_training", False):
+            return
+        directory = self.checkpoint.directory
+        path = directory / adapters_name(self.checkpoint.batches)
+        tmp = path.with_name(f"tmp-{path.name}")
+        self.model.backbone.save_lora_weights(str(tmp))
+        os.replace(tmp, path)
+        for old in sorted(directory.glob("adapters-*.lora.h5"))[:-2]:
+            old.unlink(missing_ok=True)
+
+
+def restore_adapters(model, preset, base, path: Path) -> None:
+    """After `kmp.checkpoint.restore` of a LoRA run: the frozen base back from the preset (the
+    checkpoint holds merged kernels), then the adapters saved with the checkpoint. Variables
+    that train in full (`train_embeddings`) keep the checkpoint's values: they are no LoRA
+    layer's, so the checkpoint holds them exactly."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the LoRA adapters saved with the checkpoint. "
+                        "Start the run again without --resume.", field="resume")
+    fresh = quantize_base(load_causal_lm(preset), base)
+    found = {v.path: v for v in fresh.weights}
+    trained = {v.path for v in model.trainable_variables}
+    for variable in model.weights:
+        if variable.path in found and variable.path not in trained:
+            variable.assign(found[variable.path])
+    model.backbone.load_lora_weights(str(path))
+
+
+def load_finetuned(out, merged: bool = False, dtype=None):
+    """A `kmp finetune --preset` result, loaded.
+
+    Args:
+        out: str or Path. The run's --out directory.
+        merged: bool. The merged preset (`out/preset`; for an int8/int4 base, re-quantized
+            after the merge). False rebuilds the exact model that was measured: the source
+            preset, quantized as it was, with `adapters.lora.h5` (and, for
+            `train_embeddings`, `adapters.trained.h5`) loaded. A full fine-tune
+            has only the merged form. Defaults to False.
+        dtype: str or None. The dtype policy. Defaults to the global one.
+
+    Returns:
+        A keras-hub CausalLM with its preprocessor.
+    """
+    out = Path(out).expanduser()
+    record = json.loads((out / "metrics.json").read_text())
+    if merged or not record.get("lora"):
+        return load_causal_lm(out / "preset", dtype=dtype)
+    model = load_causal_lm(record["source_preset"], dtype=dtype)
+    quantize_base(model, record["base"])
+    enable_lora(model, record["lora"], record["lora_targets"])
+    model.backbone.load_lora_weights(str(out / "adapters.lora.h5"))
+    if record.get("train_embeddings"):
+        train_embeddings(model)
+        load_trained(model, out / trained_name("adapters.lora.h5"))
+    return model
