@@ -95,16 +95,7 @@ def test_lora_trains_only_the_adapters_and_both_forms_reload_to_the_measured_los
     # --resume from the checkpoint after step 2 (as if the run had been killed there) ends
     # where the uninterrupted run ended (the restored model's loss is the step-2 loss exactly;
     # the last two steps measured 1.2e-5 relative apart, not yet traced: not bit for bit).
-    import hashlib
-
-    ckpt = out / "checkpoints"
-    record = json.loads((ckpt / "latest.json").read_text())
-    early = ckpt / "batch-00000002.weights.h5"
-    record.update(weights=early.name, bytes=early.stat().st_size, batches=2, position=2,
-                  sha256=hashlib.sha256(early.read_bytes()).hexdigest())
-    record["extra"]["history"]["train"] = record["extra"]["history"]["train"][:2]
-    record["extra"]["history"]["val"] = record["extra"]["history"]["val"][:1]
-    (ckpt / "latest.json").write_text(json.dumps(record))
+    _rewind_to_step_2(out)
     resumed = finetune_preset(presets["gpt2"], text, out, lora=4, steps=4, learning_rate=1e-2,
                               precision="mixed_bfloat16", resume=True,
                               **{**FAST, "eval_every": 2})
@@ -144,16 +135,7 @@ def test_lora_with_train_embeddings_trains_the_embedding_and_saves_it_everywhere
     # alone comes back from the preset) and ends where the uninterrupted run ended: 1.2e-4
     # relative apart measured (this preset has dropout 0.1, whose masks a resumed run does
     # not replay); with the embedding put back to the preset's, 2.9e-2.
-    import hashlib
-
-    ckpt = out / "checkpoints"
-    record = json.loads((ckpt / "latest.json").read_text())
-    early = ckpt / "batch-00000002.weights.h5"
-    record.update(weights=early.name, bytes=early.stat().st_size, batches=2, position=2,
-                  sha256=hashlib.sha256(early.read_bytes()).hexdigest())
-    record["extra"]["history"]["train"] = record["extra"]["history"]["train"][:2]
-    record["extra"]["history"]["val"] = record["extra"]["history"]["val"][:1]
-    (ckpt / "latest.json").write_text(json.dumps(record))
+    _rewind_to_step_2(out)
     resumed = finetune_preset(presets["gpt2"], text, out, resume=True, **kw)
     assert abs(resumed["val_loss_after"] / r["val_loss_after"] - 1) < 2e-3, (resumed, r)
 
@@ -291,3 +273,17 @@ def test_pretrain_writes_a_preset_that_plain_keras_hub_loads(micro_run):
     model = keras_hub.models.CausalLM.from_preset(str(micro_run / "preset"))
     text = model.generate("def", max_length=8)
     assert isinstance(text, str) and text.startswith("def")
+
+
+def _rewind_to_step_2(out):
+    """Points the run's latest.json at its step-2 checkpoint, as if it had been killed there."""
+    import hashlib
+
+    ckpt = out / "checkpoints"
+    record = json.loads((ckpt / "latest.json").read_text())
+    early = ckpt / "batch-00000002.weights.h5"
+    record.update(weights=early.name, bytes=early.stat().st_size, batches=2, position=2,
+                  sha256=hashlib.sha256(early.read_bytes()).hexdigest())
+    record["extra"]["history"]["train"] = record["extra"]["history"]["train"][:2]
+    record["extra"]["history"]["val"] = record["extra"]["history"]["val"][:1]
+    (ckpt / "latest.json").write_text(json.dumps(record))

@@ -121,8 +121,10 @@ def _meshes(config: GPTConfig, devices: int) -> list[tuple[str, str]]:
 
 
 def _data_axis(mesh: str) -> int:
-    match = re.search(r"data=(\d+)", mesh)
-    return int(match.group(1)) if match else 1
+    """The data axis of a "data=D,model=M" mesh (1 without one)."""
+    from kmp.gpt.sharding import parse_mesh
+
+    return parse_mesh(mesh).get("data", 1)
 
 
 def what_fits(config: GPTConfig, memory: int, devices: int = 1, global_batch: int = 256,
@@ -147,7 +149,7 @@ def what_fits(config: GPTConfig, memory: int, devices: int = 1, global_batch: in
     for precision in _precisions(capability):
         for remat in REMATS:
             for shard, mesh in _meshes(config, devices):
-                data = _data_axis(mesh) if mesh else 1
+                data = _data_axis(mesh)
                 best, size, accum, b = 0, None, 0, 1
                 while b <= max(1, global_batch // data):  # micro-batches of 1, 2, 4, ...
                     steps = math.ceil(global_batch / (b * data))
