@@ -5,6 +5,7 @@
         python docs/memory.py measure cublas
     python docs/memory.py table      # the Markdown table, estimates recomputed from kmp's model,
                                      # and kmp/gpt/memory_checks.py (what kmp plan cites)
+    python docs/memory.py peak DIR   # what one plan holds at its peak, from XLA's dump in DIR
 
 `measure` compiles (kmp.gpt.compiled.compile_step) each row at batch 8 x 1024 per GPU and
 appends the plans to docs/data/memory_h100.jsonl; rows already there are skipped. Where the
@@ -12,6 +13,18 @@ step would not fit in 80 GB, XLA rematerializes on its own until it does: those 
 compiled for an H100 with 1 TiB ("unbounded"), the plan the estimate models. cuBLAS plans are
 taken for 124M only (they show how far the matmul kernels move the plan). `table`
 reads them back, so a change to the estimate needs no recompilation.
+
+`peak` reads the buffer report of one compile made with XLA's dump on, e.g.
+
+    XLA_FLAGS="--xla_dump_to=/tmp/fsdp --xla_dump_hlo_as_text" KERAS_BACKEND=jax \
+        JAX_PLATFORMS=cpu kmp memory --preset gpt2-1.5b --batch-size 64 --seq-len 1024 \
+        --precision mixed_bfloat16 --mesh data=8 --shard fsdp --remat blocks \
+        --measure compile --gemm triton
+    python docs/memory.py peak /tmp/fsdp
+
+and sums the buffers live at the plan's peak (the live-range report's "Live ranges at N
+(peak)") by what made them (the state; forward, backward and rematerialized ops, from the
+ops' names; all-gathers and reduce-scatters), by shape, and by op.
 """
 import json
 import pprint
@@ -95,8 +108,7 @@ def measure(gemm: str) -> None:
 
 
 def table() -> None:
-    from kmp.gpt.memory import estimate_memory
-    from kmp.gpt.model import param_count
+    from kmp.gpt.memory import estimate_memory, param_count
 
     done, gib, worst, checks = load(), 2**30, 0.0, []
     print("| model | GPUs | policy | remat | estimate (GiB) | XLA H100, Triton | XLA H100, "
@@ -133,5 +145,44 @@ def table() -> None:
         "\nCHECKS = " + pprint.pformat(checks, width=96, sort_dicts=False) + "\n")
 
 
+def peak(folder: str, top: int = 25) -> None:
+    import collections
+    import re
+
+    def one(pattern):
+        return next(Path(folder).glob(f"*jit_train_step*gpu_after_optimizations{pattern}"))
+
+    text = one("-live-range.txt").read_text()
+    found = re.search(r"Live ranges at (\d+) \(peak\):\n(.*?)\n  Stack trace", text, re.S)
+    made = {}  # instruction -> (shape, opcode, op name)
+    for line in one(".txt").read_text().splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\(", line)
+        if m:
+            op = re.search(r'op_name="([^"]*)"', line)
+            made[m[1]] = (m[2], m[3], op[1] if op else "")
+    kinds, shapes, ops, total = (collections.Counter(), collections.Counter(),
+                                 collections.Counter(), 0)
+    for name, index, size in re.findall(r"^\s+(\S+?)\{([\d,]*)\}: (\d+) bytes",
+                                        found[2], re.M):
+        shape, opcode, op = made.get(name, ("?", "?", ""))
+        parts = re.findall(r"\w+\[[\d,]*\]", shape)
+        if index and len(parts) > int(index.split(",")[0]):
+            parts = parts[int(index.split(",")[0]):]
+        kind = next((k for k in ("param", "all-gather", "reduce-scatter", "all-reduce")
+                     if name.startswith(k) or opcode.startswith(k)), None) or (
+            "rematerialized" if "rematted" in op else "backward" if "transpose(jvp" in op
+            else "forward" if "jvp(" in op else "other")
+        size, total = int(size), total + int(size)
+        kinds[kind] += size
+        shapes[kind, parts[0] if parts else "?"] += size
+        ops[kind, re.sub(r"transformer_layer_\d+", "L", op)[-90:]] += size
+    print(f"peak at {found[1]}: {total / 2**30:.2f} GiB live")
+    for title, counts in (("kind", kinds), ("kind, shape", shapes), ("kind, op", ops)):
+        print(f"by {title}:")
+        for key, size in counts.most_common(top):
+            print(f"  {size / 2**20:10.1f} MiB  {key}")
+
+
 if __name__ == "__main__":
-    measure(sys.argv[2]) if sys.argv[1] == "measure" else table()
+    {"measure": lambda: measure(sys.argv[2]), "table": table,
+     "peak": lambda: peak(sys.argv[2])}[sys.argv[1]]()

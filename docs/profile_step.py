@@ -13,6 +13,7 @@ the optimizer.
 import argparse
 import collections
 import glob
+import re
 import tempfile
 import time
 
@@ -34,6 +35,10 @@ def main():
     parser.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--by", choices=("type", "scope", "name"), default="type",
+                        help="group by op type, or by the op's top name scope and type "
+                             "(which layer or the optimizer spent it), or by op name with "
+                             "layer numbers dropped")
     args = parser.parse_args()
     config = preset(args.preset)
     plan = kmp.set_policy(args.precision)
@@ -48,7 +53,7 @@ def main():
         x, y = window_batch(cache.train, config.seq_len, config.batch_size, config.seed, i)
         x = tf.constant(x)
         float(model.train_on_batch({"token_ids": x, "padding_mask": tf.ones_like(x)},
-                                   tf.constant(y)))
+                                   tf.constant(y), return_dict=True)["loss"])
 
     for i in range(3):
         step(i)
@@ -71,9 +76,17 @@ def main():
             for event in line.events:
                 name = plane.event_metadata[event.metadata_id].name
                 if ":" in name and not name.startswith("ExecutorState"):  # "op name:OpType"
-                    by_type[name.rsplit(":", 1)[1]] += event.duration_ps / 1e9 / args.steps
+                    op, kind = name.rsplit(":", 1)
+                    if args.by == "scope":
+                        scopes = [p for p in op.split("/") if "PartitionedCall" not in p]
+                        kind = f"{scopes[0] if len(scopes) > 1 else '(top)'} {kind}"
+                    elif args.by == "name":
+                        scopes = [p for p in op.split("/") if "PartitionedCall" not in p]
+                        kind = re.sub(r"_\d+", "", "/".join(scopes[-3:])) + f" {kind}"
+                    by_type[kind] += event.duration_ps / 1e9 / args.steps
     total = sum(by_type.values())
-    matmul = sum(ms for op, ms in by_type.items() if any(m in op for m in MATMULS))
+    matmul = sum(ms for op, ms in by_type.items()
+                 if any(m in op.split()[-1] for m in MATMULS))
     print(f"{config.preset}, {plan.policy}, XLA {'on' if jit else 'off'}: {1000 * wall:.0f} ms "
           f"per step (wall); op time {total:.0f} ms per step, of which matmuls {matmul:.0f} ms "
           f"({matmul / total:.0%})")

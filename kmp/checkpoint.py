@@ -107,12 +107,20 @@ class Checkpoint(keras.callbacks.Callback):
 
     def save(self, batches: int | None = None):
         """Writes the checkpoint of the state after `batches` training batches (default: the
-        batches this callback has counted); returns its record."""
+        batches this callback has counted); returns its record. In a run across processes
+        every process calls it (the weights are gathered) and process 0 writes; the others
+        return None."""
         self.batches = self.batches if batches is None else batches
+        backends.sync_state(self.model)
+        if distributed.process_count() > 1:  # every process joins; process 0 alone writes
+            with distributed.whole(self.model):  # weights split across processes: gathered
+                return self._write() if distributed.is_chief() else None
+        return self._write()
+
+    def _write(self):
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob("tmp-*.weights.h5"):  # a save a kill interrupted
             stale.unlink(missing_ok=True)
-        backends.sync_state(self.model)
         name = self._new_name(self.batches)
         tmp = self.directory / f"tmp-{name}"
         with distributed.local():  # process 0 alone, in a run across processes

@@ -126,12 +126,19 @@ def _set_backend(argv: list[str]) -> list[str]:
 def simulate_devices(count: int) -> None:
     """Makes JAX show `count` CPU devices (XLA's --xla_force_host_platform_device_count, added
     to any XLA_FLAGS already set), for rehearsing a mesh on one machine. Must run before JAX
-    loads; child processes (--processes workers) inherit it. The simulated devices' threads
-    share the machine's cores: on a loaded machine one may reach a collective more than XLA's
-    default 40 s after the others, and XLA aborts the process, so the wait allowed is raised
-    to 10 minutes (unless XLA_FLAGS sets it); and each device computes on its own thread
-    (--xla_cpu_multi_thread_eigen=false), with which the first all-reduce hung less often on a
-    loaded 2-core machine, though not never (docs/distributed.md).
+    loads; child processes (--processes workers) inherit it.
+
+    It also gives JAX's CPU client 2 x `count` threads (PJRT_NPROC, unless already larger;
+    `device_environment`). The client runs both the per-device launches of a multi-device
+    program and the device programs themselves on one pool, of max(cores, devices) threads
+    by default. A launch blocks its thread while its device has 32 programs in flight, and a
+    program with a collective needs all `count` device programs running at once (each waits
+    in the rendezvous for the others): with fewer than 2 x `count` threads, `count` blocked
+    launches and `count - 1` programs in a rendezvous take every thread, and the last
+    device's program never starts ("Expected 4 threads to join the rendezvous, but only 3 of
+    them arrived"; found with gdb on jaxlib 0.10.2, docs/distributed.md). The wait allowed at
+    a collective is raised to 10 minutes (unless XLA_FLAGS sets it): simulated devices share
+    the machine's cores, and a slow one is not a hung one.
 
     Raises:
         UserError: for a count below 1, or when this process has loaded JAX already with
@@ -139,20 +146,45 @@ def simulate_devices(count: int) -> None:
     """
     if count < 1:
         raise UserError(f"--devices must be >= 1. Received: {count}")
-    flag = "--xla_force_host_platform_device_count"
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
-    waits = [f"--xla_cpu_collective_call_{k}_timeout_seconds={v}"
-             for k, v in (("warn_stuck", 120), ("terminate", 600))]
-    # Each simulated device runs its ops on its own thread, not on the shared Eigen pool, which
-    # a collective's waiting participants can fill (kmp --devices 4 hung at the first
-    # all-reduce on 2 loaded cores more often without this).
-    waits.append("--xla_cpu_multi_thread_eigen=false")
-    new = " ".join([*kept, f"{flag}={count}",
-                    *(w for w in waits if w.split("=")[0] not in " ".join(kept))])
-    if "jax" in sys.modules and new != os.environ.get("XLA_FLAGS"):
+    new = device_environment(count)
+    if "jax" in sys.modules and new["XLA_FLAGS"] != os.environ.get("XLA_FLAGS"):
         raise UserError(f"--devices {count}: JAX is already loaded in this process, so its "
                         "devices are fixed. Start kmp afresh with --devices.")
-    os.environ["XLA_FLAGS"] = new
+    os.environ.update(new)
+
+
+def device_environment(count: int, environ=None) -> dict:
+    """The XLA_FLAGS and PJRT_NPROC that `simulate_devices` sets for `count` CPU devices.
+
+    Args:
+        count: int. The devices JAX is to show.
+        environ: mapping or None. The environment they are added to (its XLA_FLAGS are kept,
+            but for the device count; its collective waits are kept; a PJRT_NPROC above
+            2 x `count` is kept). Defaults to None: os.environ.
+
+    Returns:
+        dict. {"XLA_FLAGS": str, "PJRT_NPROC": str}, for a child's environment or os.environ.
+
+    Example:
+    >>> device_environment(4, {"XLA_FLAGS": "--xla_dump_to=/tmp/x"})["PJRT_NPROC"]
+    '8'
+    """
+    environ = os.environ if environ is None else environ
+    flag = "--xla_force_host_platform_device_count"
+    kept = [f for f in environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    waits = [f"--xla_cpu_collective_call_{k}_timeout_seconds={v}"
+             for k, v in (("warn_stuck", 120), ("terminate", 600))]
+    # Each simulated device computes its matmuls on its own thread (single-threaded Eigen)
+    # rather than each splitting them over one intra-op pool shared by all devices: the
+    # devices already share the cores. (Not the cause of the hangs it was once added for.)
+    waits.append("--xla_cpu_multi_thread_eigen=false")
+    flags = " ".join([*kept, f"{flag}={count}",
+                      *(w for w in waits if w.split("=")[0] not in " ".join(kept))])
+    try:
+        asked = int(environ.get("PJRT_NPROC", "0"))
+    except ValueError:
+        asked = 0
+    return {"XLA_FLAGS": flags, "PJRT_NPROC": str(max(2 * count, asked))}
 
 
 @contextlib.contextmanager
@@ -185,6 +217,17 @@ def _load_quietly(command: str):
         backends.current()  # the backend's seam module imports the backend itself
         if command not in ("doctor",):
             import keras_hub  # noqa: F401
+
+
+def _estimate_only(command: str, rest: list[str]) -> bool:
+    """Whether the command is arithmetic on a config (`kmp plan`, `kmp memory` without
+    `--measure gpu`): it needs no backend, and loading TensorFlow would cost seconds. Its
+    compile checks load JAX themselves."""
+    if command == "plan":
+        return True
+    measure = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--measure"]
+    measure += [a.split("=", 1)[1] for a in rest if a.startswith("--measure=")]
+    return command == "memory" and "gpu" not in measure
 
 
 def _doctor() -> int:
@@ -242,7 +285,8 @@ def main(argv=None) -> int:
         rest = rest[rest.index(args.command) + 1:]
         if args.command == "doctor" and rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        _load_quietly(args.command)
+        if not _estimate_only(args.command, rest):
+            _load_quietly(args.command)
         if args.command == "doctor":
             return _doctor()
         if args.command in _DIAGNOSES:

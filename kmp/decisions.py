@@ -8,6 +8,9 @@ an upgrade measures again; an entry of the same key under other versions is drop
 new one is written. Writes are atomic (a temporary file renamed over the old one); two
 processes writing at once may lose one entry, which is measured again next time.
 
+The precision and XLA decision is measured by `kmp.model_tuning` (any Keras model) and
+`kmp.gpt.autotune` (`kmp tune`, a GPT); the attention kernel by `kmp.harden(attention="auto")`.
+
 Example:
 >>> import os, tempfile
 >>> os.environ["KMP_CACHE_DIR"] = tempfile.mkdtemp()

@@ -16,8 +16,10 @@ launcher says which; a worker's user error or stopped run is reported as such.
 
 Every process computes the same SPMD program over the global batch: each feeds its own rows
 of it (`shard`), Keras assembles them (`jax.make_array_from_process_local_data`), and the
-gradients, the loss scaler's finiteness check and the weights are global. TensorFlow's
-MultiWorkerMirroredStrategy is not used: with Keras 3 it fails (keras-team/keras#20585).
+gradients, the loss scaler's finiteness check and the weights are global. Process 0 writes;
+weights a `--shard` splits across processes are gathered whole for it by every process
+(`whole`, `gather`). TensorFlow's MultiWorkerMirroredStrategy is not used: with Keras 3 it
+fails (keras-team/keras#20585).
 """
 
 from __future__ import annotations
@@ -170,6 +172,59 @@ def local():
         yield
     finally:
         keras.distribution.set_distribution(previous)
+
+
+@contextlib.contextmanager
+def whole(model):
+    """Every variable of `model` and its optimizer whole on every process for the body, for
+    process 0 to save: a weight split across processes (`--shard` with `--processes`) is laid
+    out replicated, then laid out as it was after. Every process must enter it, in the same
+    order (the re-layout is a collective). A no-op where no variable is split across
+    processes.
+
+    Example:
+    >>> import keras
+    >>> with whole(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])):
+    ...     pass
+    """
+    from kmp import _keras
+
+    split = _relayout(model)
+    try:
+        yield
+    finally:
+        for variable, value in split:
+            _keras.replace_variable_value(variable, value)
+
+
+def gather(model) -> None:
+    """Lays out every variable of `model` split across processes replicated, for good (the end
+    of a run: what comes after reads whole weights on every process). Every process must call
+    it, in the same order."""
+    _relayout(model)
+
+
+def _relayout(model) -> list:
+    """Replicates every variable split across processes; returns [(variable, old value)]."""
+    if process_count() == 1:
+        return []
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from kmp import _keras
+
+    optimizer = getattr(model, "optimizer", None)
+    variables = [*model.weights, *(optimizer.variables if optimizer is not None else [])]
+    split = []
+    for variable in {id(v): v for v in variables}.values():
+        value = variable.value
+        if getattr(value, "is_fully_addressable", True):
+            continue
+        split.append((variable, value))
+        # `assign` would lay it out again by the variable's layout, which is the split one.
+        _keras.replace_variable_value(variable, jax.device_put(
+            value, NamedSharding(value.sharding.mesh, PartitionSpec())))
+    return split
 
 
 def log_to_file(directory) -> None:

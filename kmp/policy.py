@@ -130,6 +130,26 @@ def _warning_for(policy: str, hw: Hardware) -> str | None:
     return None
 
 
+def pointless(policy: str, jit: bool, hw: Hardware) -> str | None:
+    """Why training under `policy` with XLA `jit` cannot be the fastest choice on `hw`, by the
+    rules and the measurements they cite, or None. A tuning (`kmp tune`) skips such
+    candidates unless their policy is named: half precision the hardware only emulates or
+    runs no faster than float32 (`set_policy`'s warnings), and on CPUs under TensorFlow
+    bfloat16 with XLA (no faster than float32 there, while bfloat16 without XLA is).
+
+    Example:
+    >>> cpu = Hardware("cpu", "Xeon", count=2, cpu_flags=("amx_bf16",))
+    >>> pointless("float32", True, cpu) is None, "float16" in pointless("mixed_float16", False, cpu)
+    (True, True)
+    """
+    from kmp import backends
+
+    xla_optional = not backends.jit_compile_for(False)[0]  # TensorFlow (JAX keeps XLA on)
+    if hw.kind == "cpu" and policy == "mixed_bfloat16" and jit and xla_optional:
+        return f"bfloat16 with XLA on CPUs is no faster than float32 ({_measured()})."
+    return _warning_for(policy, hw)
+
+
 def _on_backend(jit: bool, reason: str) -> tuple[bool, str]:
     """The hardware's XLA choice as the active Keras backend takes it, and the reason with the
     backend's note where it differs (see `kmp.backends.jit_compile_for`)."""
@@ -146,20 +166,39 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _from_measurement(hw: Hardware, measure) -> PrecisionPlan | None:
-    """The plan a measurement gives: `measure`'s (run now), else a cached `kmp tune` of this
-    machine and backend, else None."""
+def _is_tuning(result) -> bool:
+    """Whether `result` is a tuning's result (`kmp.tuning.Tuning` or one like it)."""
+    return all(hasattr(result, name) for name in (
+        "policy", "jit_compile", "attention", "reason", "source"))
+
+
+def _from_measurement(hw: Hardware, measure, data) -> PrecisionPlan | None:
+    """The plan a measurement gives: `measure`'s (run now, or its cached result), else a
+    cached `kmp tune` of this machine and backend, else None."""
+    if data is not None and not callable(measure):
+        raise UserError("data= goes with measure=model_fn (the batch to train it on). "
+                        f"Received measure={measure!r}.")
     if measure is not None:
-        if callable(measure):
+        if callable(measure) and data is None:  # before data=, a callable returned a tuning
             tuned = measure()
+            if not _is_tuning(tuned):
+                raise UserError("measure=model_fn needs data=(x, y): one batch of the shape "
+                                "you train with, to train each candidate on.")
+        elif callable(measure):  # your own model: kmp.model_tuning trains it
+            from kmp.model_tuning import tune
+
+            tuned = tune(measure, data, hardware=hw)
+        elif _is_tuning(measure):
+            tuned = measure  # a tuning already made
         else:  # a GPT config: the recipe's tuner, loaded only when asked for
             from kmp.gpt.autotune import tune
             from kmp.gpt.config import GPTConfig
 
             if not isinstance(measure, GPTConfig):
-                raise UserError(f"measure= takes a kmp.gpt.GPTConfig or a callable that "
-                                f"returns a tuning result. Received: {measure!r}")
-            tuned = tune(measure)
+                raise UserError(f"measure= takes a function that returns your compiled model "
+                                f"(with data=), a kmp.gpt.GPTConfig or a tuning result. "
+                                f"Received: {measure!r}")
+            tuned = tune(measure, hardware=hw)
         policy, jit, reason = tuned.policy, tuned.jit_compile, tuned.reason
         attention = tuned.attention
         by = "cached measurement" if tuned.source == "cached" else "measurement"
@@ -175,8 +214,8 @@ def _from_measurement(hw: Hardware, measure) -> PrecisionPlan | None:
                          decided_by=by, attention=attention)
 
 
-def plan(name: str = "auto", hardware: Hardware | None = None,
-         measure=None) -> PrecisionPlan:
+def plan(name: str = "auto", hardware: Hardware | None = None, measure=None,
+         data=None) -> PrecisionPlan:
     """Returns the plan for `name` on `hardware` without changing the Keras policy.
 
     "auto" takes a measurement where there is one (`measure`, else the latest `kmp tune` of
@@ -186,17 +225,19 @@ def plan(name: str = "auto", hardware: Hardware | None = None,
     Args:
         name: str. "auto", "float32", "mixed_float16" or "mixed_bfloat16". Defaults to "auto".
         hardware: Hardware or None. Defaults to `kmp.hardware.detect()`.
-        measure: GPTConfig, callable or None. With "auto": measure now (or take the cached
-            measurement of that model): a `kmp.gpt.GPTConfig` runs `kmp.gpt.autotune.tune`
-            on it; a callable is called with no arguments and returns such a result (an
-            object with policy, jit_compile, attention, reason and source). Defaults to
-            None.
+        measure: callable, GPTConfig, tuning result or None. With "auto": measure now (or
+            take the cached measurement of that model and candidates): a function that
+            returns your compiled Keras model, trained on `data` (`kmp.model_tuning.tune`);
+            a `kmp.gpt.GPTConfig` (`kmp tune`, `kmp.gpt.autotune.tune`); or a result either
+            returned (or, without `data`, a function returning one). Defaults to None.
+        data: tuple or None. With a model function: `(x, y)`, one batch of the shape you
+            train with. Defaults to None.
 
     Returns:
         A `PrecisionPlan`.
 
     Raises:
-        UserError: if `name` is not one of the choices.
+        UserError: if `name` is not one of the choices, or `measure` and `data` do not fit.
 
     Example:
     >>> plan("float32").loss_scaling
@@ -205,7 +246,7 @@ def plan(name: str = "auto", hardware: Hardware | None = None,
     _check_name(name)
     hw = hardware or detect()
     if name == "auto":
-        measured = _from_measurement(hw, measure)
+        measured = _from_measurement(hw, measure, data)
         if measured is not None:
             return measured
     best, best_jit, why = recommend(hw)
@@ -221,8 +262,8 @@ def plan(name: str = "auto", hardware: Hardware | None = None,
                          decided_by="request")
 
 
-def set_policy(name: str = "auto", hardware: Hardware | None = None,
-               measure=None) -> PrecisionPlan:
+def set_policy(name: str = "auto", hardware: Hardware | None = None, measure=None,
+               data=None) -> PrecisionPlan:
     """Sets the Keras global dtype policy: the one switch.
 
     After it, unchanged `model.compile` / `model.fit` trains in mixed precision (Keras wraps the
@@ -233,16 +274,20 @@ def set_policy(name: str = "auto", hardware: Hardware | None = None,
             hardware. An explicit choice that is slow here is honoured with a warning.
             Defaults to "auto".
         hardware: Hardware or None. Defaults to `kmp.hardware.detect()`.
-        measure: GPTConfig, callable or None. With "auto", decide by measuring (see `plan`):
-            e.g. `set_policy("auto", measure=kmp.gpt.preset("small"))` trains every
-            candidate a few steps (`kmp tune`) or takes its cached result. Defaults to None:
-            the cached `kmp tune` of this machine if any, else the rule table.
+        measure: callable, GPTConfig, tuning result or None. With "auto", decide by
+            measuring (see `plan`): `set_policy("auto", measure=build, data=(x, y))` trains
+            the model `build()` returns (compiled) a few steps under every candidate, or
+            takes the cached result for that model and batch; `measure=kmp.gpt.preset(
+            "small")` does the same for a GPT preset (`kmp tune`). Defaults to None: the
+            cached `kmp tune` of this machine if any, else the rule table.
+        data: tuple or None. With a model function: `(x, y)`, one batch of the shape you
+            train with. Defaults to None.
 
     Returns:
         The `PrecisionPlan` that was applied.
 
     Raises:
-        UserError: if `name` is unknown.
+        UserError: if `name` is unknown, or `measure` and `data` do not fit.
 
     Example:
     >>> import keras
@@ -252,7 +297,7 @@ def set_policy(name: str = "auto", hardware: Hardware | None = None,
     """
     import keras
 
-    chosen = plan(name, hardware, measure)
+    chosen = plan(name, hardware, measure, data)
     if chosen.warning:
         warnings.warn(f"kmp: {chosen.policy} honoured, but {chosen.warning}", stacklevel=2)
     keras.config.set_dtype_policy(chosen.policy)

@@ -157,20 +157,18 @@ def train_from(record, config: GPTConfig, out: Path, cache, val_ds, precision, l
     callbacks = [
         PrecisionMonitor(log_dir=str(out / "tensorboard" / "kmp") if chief else None,
                          verbose=True, step=first),
-        throughput, history, *injectors,
+        throughput, history, checkpoint, *injectors,  # checkpoint: all join, process 0 writes
     ]
     if chief:
-        callbacks[3:3] = [TensorBoardScalars(out / "tensorboard", update_freq=10, step=first),
-                          checkpoint]
+        callbacks.insert(3, TensorBoardScalars(out / "tensorboard", update_freq=10, step=first))
     if config.recover:  # first: it must see a broken epoch before the checkpoint does
         callbacks.insert(0, recovery.Watchdog(
             config.spike_factor, config.spike_window, config.max_skips, first,
             config.grad_accum, recent=[value for _, value in history.train]))
         if record is None:  # something to roll back to before the first epoch ends
             model.optimizer.build(model.trainable_variables)  # by all: variables are collective
-            if chief:
-                checkpoint.set_model(model)
-                checkpoint.save()
+            checkpoint.set_model(model)
+            checkpoint.save()  # by all too: process 0 writes
 
     # Fit: `epochs` rounds of `interval` steps, validation and a checkpoint after each. A
     # progress bar on a terminal; one line per epoch in a log file or pipe.

@@ -17,6 +17,9 @@ BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 if BACKEND == "jax":  # two CPU devices for keras.distribution tests
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=2").strip()
+    # Two threads per simulated device, or JAX's CPU client can deadlock its collectives
+    # (docs/distributed.md; what `kmp --devices N` sets).
+    os.environ.setdefault("PJRT_NPROC", "4")
 
 __import__("kmp")  # before Keras: keeps JAX off CUDA where there is no driver (kmp/__init__.py)
 

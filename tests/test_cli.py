@@ -105,6 +105,27 @@ def test_kmp_does_not_import_tensorflow_on_other_backends(backend):
     assert out.stdout.split()[-2:] == ["False", backend]
 
 
+PLAN_WITHOUT_A_BACKEND = """
+import sys
+from kmp.cli import main
+assert main(["plan", "--params", "1b", "--device", "rtx4070-8gb", "--check", "none"]) == 1  # no fit
+assert main(["memory", "--preset", "small"]) == 0
+print(sorted(m for m in ("tensorflow", "keras_hub", "keras", "jax", "torch") if m in sys.modules))
+"""
+
+
+def test_plan_and_the_memory_estimate_load_no_backend():
+    """Arithmetic on a config: no TensorFlow (the default backend), keras-hub or keras."""
+    out = subprocess.run([sys.executable, "-c", PLAN_WITHOUT_A_BACKEND], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "does not fit" in out.stdout and "| float32 |" in out.stdout
+    assert out.stdout.splitlines()[-1] == "[]"
+    assert not cli._estimate_only("memory", ["--preset", "tiny", "--measure", "gpu"])
+    assert not cli._estimate_only("memory", ["--measure=gpu"])
+    assert cli._estimate_only("memory", ["--measure", "compile"])
+
+
 # A Python where `import tensorflow` fails, as in an environment without it (the GPU machine).
 WITHOUT_TENSORFLOW = """
 import runpy, sys

@@ -210,3 +210,53 @@ def test_each_process_reads_its_rows_of_the_global_batches(monkeypatch, tmp_path
             np.testing.assert_array_equal(np.concatenate([y0, y1]), y)
     with pytest.raises(kmp.UserError, match="batch of 7 does not split over 2 processes"):
         distributed.shard(7)
+
+
+@pytest.mark.slow  # about 3 minutes of a 2-core machine
+def test_fsdp_over_two_processes_of_two_devices_trains_like_one_device(tmp_path):
+    """`kmp --devices 2 pretrain --processes 2 --mesh data=4 --shard fsdp`, killed after a
+    checkpoint and resumed alike: each process holds its quarters of the weights, process 0's
+    checkpoints hold every weight whole (the final one equals one device's), a resume lays
+    them out again, and the losses are one device's (float32, 1e-4 relative)."""
+    import h5py
+    import numpy as np
+
+    flags = ["--cache-dir", str(tmp_path / "cache"), "--steps", "8", "--val-every", "2",
+             "--precision", "float32"]
+    _run(*flags, "--out", str(tmp_path / "one"))
+    two = tmp_path / "two"
+    command = _kmp(*flags, "--processes", "2", "--mesh", "data=4", "--shard", "fsdp",
+                   "--out", str(two))
+    command[3:3] = ["--devices", "2"]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    deadline = time.time() + 400
+    while not (two / "checkpoints" / "batch-00000002.weights.h5").exists():
+        assert launcher.poll() is None and time.time() < deadline, launcher.stderr.read()
+        time.sleep(0.05)
+    os.kill(_worker(launcher.pid, 1), signal.SIGKILL)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2 and not (two / "metrics.json").exists(), err[-3000:]
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resume: from step" in done.stdout
+    a, b = _history(tmp_path / "one"), _history(two)
+    assert [s for s, _ in b["train"]] == list(range(1, 9))
+    for (step, x), (_, y) in zip(a["train"] + a["val"], b["train"] + b["val"]):
+        assert abs(y / x - 1) < 1e-4, (step, x, y)
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "one", two)]
+    assert 0.24 < metrics[1]["state_bytes_per_device"] / metrics[0]["state_bytes_per_device"] < 0.26
+
+    def arrays(run):
+        record = json.loads((run / "checkpoints" / "latest.json").read_text())
+        found = {}
+        with h5py.File(run / "checkpoints" / record["weights"]) as f:
+            f.visititems(lambda name, x: found.__setitem__(name, x[()])
+                         if isinstance(x, h5py.Dataset) else None)
+        return record["batches"], found
+
+    (n1, one), (n2, sharded) = arrays(tmp_path / "one"), arrays(two)
+    assert n1 == n2 == 8 and one.keys() == sharded.keys() and len(one) > 20
+    for name in one:
+        assert one[name].shape == sharded[name].shape, name  # whole, not a process's quarter
+        assert np.allclose(one[name], sharded[name], rtol=1e-4, atol=1e-6), name

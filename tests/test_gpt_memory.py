@@ -4,7 +4,7 @@ import pytest
 
 import kmp.gpt as gpt
 from kmp.cli import main
-from kmp.gpt.memory import estimate_memory, memory_table
+from kmp.gpt.memory import estimate_memory, memory_table, param_count
 
 pytestmark = pytest.mark.backends
 
@@ -19,13 +19,56 @@ def test_parameter_bytes_match_the_built_model_exactly():
     assert accum.optimizer == 12 * n  # Keras's float32 gradient accumulators
 
 
+@pytest.mark.parametrize("overrides", [{}, {"num_layers": 3, "vocab_size": 1000,
+                                         "intermediate_dim": 384, "seq_len": 64}])
+def test_closed_form_parameter_count_matches_the_built_model(overrides):
+    config = gpt.preset("tiny", **overrides)
+    assert param_count(config) == gpt.build_model(config).count_params()
+
+
+def test_the_estimate_and_the_plan_load_neither_tensorflow_nor_keras_hub():
+    import subprocess
+    import sys
+
+    # the commands' own modules (kmp.cli imports the backend before any command, for quiet
+    # output); the closed-form parameter count stands in for building the model
+    code = ("import sys; from kmp.gpt import memory, plan; memory.main(['--preset', 'gpt2-1.5b',"
+            " '--mesh', 'data=8', '--shard', 'fsdp', '--remat', 'blocks']); plan.main(['--params',"
+            " '1b', '--device', 'rtx4070-8gb', '--check', 'none']); "
+            "print(sorted(m for m in ('tensorflow', 'keras_hub', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "KERAS_BACKEND": "tensorflow"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_sharded_estimate_counts_what_xla_keeps():
+    """fsdp: the gathered weights of every layer without remat; with remat, at the backward
+    pass's end, the whole gradients of the first half of the layers (docs/memory.md)."""
+    whole = gpt.preset("gpt2-1.5b", batch_size=64, remat="blocks")
+    sharded = gpt.preset("gpt2-1.5b", batch_size=64, remat="blocks", mesh="data=8",
+                         shard="fsdp")
+    est = estimate_memory(sharded, "mixed_bfloat16")
+    layer = 4 * 1600**2 + 3 * 1600 + 2 * 1600 * 6400 + 6400 + 6 * 1600
+    waiting = 48 // 2 - 2
+    assert est.gradients == 2 * (waiting * layer + (48 - waiting) * layer // 8) + (
+        50304 * 1600 * 4 // 8)
+    assert est.gradients > estimate_memory(whole, "mixed_bfloat16", 8).gradients // 8
+    none = dict(batch_size=64, mesh="data=8", shard="fsdp")
+    assert (estimate_memory(gpt.preset("gpt2-1.5b", **none), "mixed_bfloat16").activations
+            - estimate_memory(gpt.preset("gpt2-1.5b", batch_size=8), "mixed_bfloat16")
+            .activations) > 48 * layer * 2  # the gathered weights kept for the backward
+
+
 def test_activation_formula_by_hand():
     # tiny: s=128, b=16, h=128, i=512, a=4, L=2, V=2048; logits in the compute dtype.
     config = gpt.preset("tiny")
-    n = gpt.param_count(config)
+    n = param_count(config)
     tokens, embedding = 128 * 16, 2048 * 128 * 4
-    for policy, c, extra in (("float32", 4, 0), ("mixed_float16", 2, 10)):
-        layer = 4 * 128 * 128 * 16 * (4 + c) + tokens * ((8 * 128 + 2 * 512) * c + extra * 128)
+    for policy, c in (("float32", 4), ("mixed_float16", 2)):
+        # seq x seq: float32 + compute dtype; per token: 8h + i in the compute dtype, GELU's
+        # input once more in float32
+        layer = 4 * 128 * 128 * 16 * (4 + c) + tokens * ((8 * 128 + 512) * c + 4 * 512)
         est = estimate_memory(config, policy)
         begin = 2 * layer + tokens * 2048 * c + 3 * embedding
         assert begin > 4 * n + layer  # the peak: where the backward pass begins

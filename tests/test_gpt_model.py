@@ -57,6 +57,64 @@ def test_half_precision_logits_are_upcast_like_keras(dtype):
     assert _relative(grad, ref_grad) <= tol
 
 
+def _gelu_reference(x):
+    """GPT-2's tanh GELU and its derivative in float64."""
+    t = np.tanh(0.7978845608028654 * (x + 0.044715 * x**3))
+    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * 0.7978845608028654 * (
+        1 + 3 * 0.044715 * x**2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_backends_own_gelu_computes_gpt2s_gelu(dtype):
+    """kmp.backends.kernel("gelu_tanh") (TensorFlow) against float64: as close as Keras's own
+    tanh GELU in float32, and no worse on average in bfloat16 (both round to bfloat16)."""
+    own = kmp.backends.kernel("gelu_tanh")
+    if own is None:
+        pytest.skip(f"no own GELU kernel on {keras.backend.backend()}: Keras's is used")
+    x = keras.ops.convert_to_numpy(
+        keras.ops.cast(np.random.default_rng(7).normal(size=(64, 96)) * 3, dtype))
+    exact = np.asarray(x, "float64")
+    ref_y, ref_dy = _gelu_reference(exact)
+    errors = {}
+    for name, fn in (("own", own), ("keras", lambda v: keras.activations.gelu(v, True))):
+        _, (dy,) = value_and_grads(
+            lambda v, fn=fn: keras.ops.sum(keras.ops.cast(fn(v), "float32")), x)
+        y = np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(fn(x), "float32")), "float64")
+        errors[name] = np.abs(y - ref_y), np.abs(np.asarray(dy, "float64") - ref_dy)
+    if dtype == "float32":
+        assert errors["own"][0].max() <= 1e-5 and errors["own"][1].max() <= 1e-5
+    else:
+        for i in (0, 1):  # value, gradient
+            assert errors["own"][i].mean() <= 1.25 * errors["keras"][i].mean()
+
+
+def test_gpt_backbone_computes_what_keras_hubs_does():
+    """The backbone with the backend's own GELU (TensorFlow) against keras-hub's GPT-2 with the
+    same weights: outputs and weight gradients, float32."""
+    import keras_hub
+
+    from kmp.gpt.model import GPTBackbone
+
+    own = kmp.backends.kernel("gelu_tanh")
+    if own is None:
+        pytest.skip(f"no own GELU kernel on {keras.backend.backend()}: keras-hub's code runs")
+    shape = dict(vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=16,
+                 intermediate_dim=32, max_sequence_length=8)
+    ours, theirs = GPTBackbone(**shape), keras_hub.models.GPT2Backbone(**shape)
+    theirs.set_weights(ours.get_weights())
+    assert sum(getattr(layer, "activation", None) is own
+               for layer in ours._flatten_layers()) == shape["num_layers"]
+    ids = np.random.default_rng(3).integers(0, 64, size=(2, 8))
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    probe = np.random.default_rng(4).normal(size=(2, 8, 16)).astype("float32")
+    results = [value_and_grads(lambda _, m=m: keras.ops.sum(m(inputs) * probe), np.zeros(1),
+                               layers=[m]) for m in (ours, theirs)]
+    (value, grads), (ref_value, ref_grads) = results
+    assert abs(value - ref_value) <= 1e-5 * abs(ref_value)
+    flat, ref_flat = (np.concatenate([g.ravel() for g in gs[1:]]) for gs in (grads, ref_grads))
+    assert _relative(flat, ref_flat) <= 1e-5  # (a key bias's gradient is 0: rounding noise)
+
+
 def test_same_under_xla_and_serializable():
     rng = np.random.default_rng(6)
     logits = rng.normal(size=(2, 5, 32)).astype("float32")

@@ -4,8 +4,7 @@ import pytest
 
 from kmp.cli import main
 from kmp.gpt.config import preset
-from kmp.gpt.memory import estimate_memory
-from kmp.gpt.model import param_count
+from kmp.gpt.memory import estimate_memory, param_count
 from kmp.gpt.plan import parse_params, shape_for_params, what_fits
 
 pytestmark = pytest.mark.backends
@@ -24,8 +23,10 @@ def test_1b_on_an_8gb_laptop_gpu_does_not_fit_and_says_why_and_what_would(capsys
     out = capsys.readouterr().out
     assert "does not fit: the float32 weights, gradients and AdamW's two moments alone need " \
            "15.1 GiB" in out
-    assert "it fits on 4 such GPUs: mixed_bfloat16, remat none, --mesh data=4,model=1 " \
-           "--shard fsdp." in out
+    # without remat, fsdp keeps every layer's gathered weights for the backward pass (XLA's
+    # plan, docs/memory.md): tp splits them instead
+    assert "it fits on 4 such GPUs: mixed_bfloat16, remat none, --mesh data=1,model=4 " \
+           "--shard tp." in out
     assert "on one such GPU, a GPT of about" in out
 
 

@@ -245,11 +245,30 @@ def test_auto_says_whether_the_rule_table_or_a_measurement_decided():
     assert kmp.plan("mixed_bfloat16", CPU_AMX).policy == "mixed_bfloat16"  # requests win
 
 
-def test_auto_with_a_measure_callable_uses_its_result():
+def test_auto_with_a_tuning_result_uses_it_and_measure_and_data_must_fit():
     class Result:
         policy, jit_compile, attention, source = "mixed_float16", False, "fused", "measured"
         reason = "fp16 fastest"
 
-    p = kmp.set_policy("auto", CPU_AMX, measure=lambda: Result())
+    p = kmp.set_policy("auto", CPU_AMX, measure=Result())
     assert (p.policy, p.loss_scaling, p.decided_by) == ("mixed_float16", True, "measurement")
     assert keras.config.dtype_policy().name == "mixed_float16"
+    # A function returning a result, as before data= (a model function without data: an error).
+    assert kmp.plan("auto", CPU_AMX, measure=lambda: Result()).policy == "mixed_float16"
+    with pytest.raises(kmp.UserError, match=r"needs data=\(x, y\)"):
+        kmp.plan("auto", CPU_AMX, measure=lambda: None)
+    with pytest.raises(kmp.UserError, match="data= goes with measure=model_fn"):
+        kmp.plan("auto", CPU_AMX, measure=Result(), data=([0], [0]))
+    with pytest.raises(kmp.UserError, match="measure= takes a function"):
+        kmp.plan("auto", CPU_AMX, measure="small")
+
+
+def test_pointless_candidates_follow_the_rules():
+    from kmp.policy import pointless
+
+    assert "float16" in pointless("mixed_float16", False, CPU_AMX)  # emulated or no faster
+    assert "emulated" in pointless("mixed_bfloat16", False, CPU)
+    assert pointless("mixed_bfloat16", False, CPU_AMX) is None
+    assert pointless("mixed_float16", True, GPU80) is None  # a GPU: measure everything
+    xla_bf16 = pointless("mixed_bfloat16", True, CPU_AMX)  # only TensorFlow's XLA
+    assert (xla_bf16 is not None) == (backends.name() == "tensorflow")

@@ -79,6 +79,21 @@ def in_compiled_function(value) -> bool:
     return current().in_compiled_function(value)
 
 
+def kernel(name: str):
+    """The active backend's own implementation of an element-wise computation kmp would
+    otherwise compose from keras.ops, or None where Keras's is as good. TensorFlow (XLA off
+    runs a graph op by op) has "gelu_tanh" (GPT-2's activation) and "next_token_crossentropy"
+    (`labels`, float32 `logits` of shape (batch, length, vocabulary) -> per-token losses),
+    each with a hand-written gradient taking fewer passes over the tensor; on JAX, XLA fuses
+    the composed forms, and torch has one kernel for each.
+
+    Example:
+    >>> kernel("no such kernel") is None
+    True
+    """
+    return getattr(current(), name, None)
+
+
 def jit(fn):
     """`fn` compiled for the backend where a pure function can be (jax.jit on JAX); `fn`
     itself elsewhere."""

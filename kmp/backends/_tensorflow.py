@@ -119,3 +119,50 @@ def distribution(kind, devices=None):
                 else tf.distribute.get_strategy())
     with strategy.scope():
         yield strategy.num_replicas_in_sync
+
+
+# Element-wise kernels with hand-written gradients (`kmp.backends.kernel`). TensorFlow runs a
+# graph op by op (XLA off: its CPU backend loses more on oneDNN's bfloat16 matmuls than fusion
+# gains, docs/benchmarks.md), so each op is a pass over the tensor; these take fewer passes
+# than autodiff of the composed forward.
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+_GELU_A = 0.044715
+
+
+def gelu_tanh(x):
+    """GPT-2's tanh GELU, 0.5 x (1 + tanh(c (x + a x^3))), written x sigmoid(2c x (1 + a x^2)):
+    6 passes forward and 7 backward against 8 and about 14 for `tf.nn.gelu`'s autodiff."""
+    return _gelu_tanh(tf.convert_to_tensor(x))  # a variable is read here, outside the gradient
+
+
+@tf.custom_gradient
+def _gelu_tanh(x):
+    s = tf.sigmoid(x * (tf.square(x) * (2 * _GELU_C * _GELU_A) + 2 * _GELU_C))
+
+    def grad(dy):  # d/dx = s + x s (1 - s) (2c + 6ca x^2)
+        inner = x * (tf.square(x) * (6 * _GELU_C * _GELU_A) + 2 * _GELU_C)
+        return dy * (s + tf.raw_ops.SigmoidGrad(y=s, dy=inner))
+
+    return x * s, grad
+
+
+def next_token_crossentropy(labels, logits):
+    """Per-token softmax cross-entropy of float32 `logits` against int `labels`: TensorFlow's
+    log-softmax kernel forward (max, sum and output in one op) and its output kept for the
+    gradient, exp(log p) - onehot, the onehot subtracted in place at the targets."""
+    labels = tf.cast(labels, tf.int32)
+
+    @tf.custom_gradient
+    def crossentropy(logits):
+        log_p = tf.nn.log_softmax(logits)
+
+        def grad(upstream):
+            shape = tf.shape(labels)
+            rows = tf.reshape(tf.range(tf.reduce_prod(shape)), shape)
+            where = tf.stack([rows // shape[-1], rows % shape[-1], labels], axis=-1)
+            return tf.tensor_scatter_nd_sub(tf.exp(log_p) * upstream[..., None], where,
+                                            upstream)
+
+        return -tf.gather(log_p, labels, batch_dims=2), grad
+
+    return crossentropy(logits)

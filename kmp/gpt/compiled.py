@@ -36,6 +36,7 @@ from kmp.errors import UserError
 
 TARGETS = ("h100", "h200", "a100", "l4", "cpu")  # `kmp memory --target`; kmp.gpt.gpus has more
 GEMMS = ("triton", "cublas")
+_GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,12 @@ class CompiledPlan:
 
     `weights` and `optimizer` are the per-device shards of the state (the arguments XLA keeps
     between steps); `temp` holds the gradients and the activations.
+
+    Example:
+    >>> plan = CompiledPlan("h100", 1, "float32", "none", "triton", weights=4, optimizer=8,
+    ...                     argument=16, output=12, alias=12, temp=20, seconds=1.0)
+    >>> plan.total, plan.other
+    (36, 4)
     """
 
     target: str
@@ -71,50 +78,8 @@ class CompiledPlan:
         return self.total - self.weights - self.optimizer - self.temp
 
     def to_json(self) -> dict:
+        """The fields and the total, in bytes."""
         return {**dataclasses.asdict(self), "total": self.total}
-
-
-def topology(gpu_name: str, count: int, memory: int | None = None):
-    """`count` compile-only devices of the GPU `gpu_name` (a `kmp.gpt.gpus` name), or of this
-    CPU for "cpu".
-
-    Raises:
-        UserError: when the JAX CUDA plugin is not installed, or for more CPU devices than
-            this process has.
-    """
-    import jax
-
-    if gpu_name == "cpu":
-        devices = jax.devices("cpu")
-        if len(devices) < count:
-            raise UserError(f"{count} CPU devices asked for and this process has "
-                            f"{len(devices)}. Start kmp with --devices {count}.", field="gpus")
-        return devices[:count]
-    from jax.experimental import topologies
-
-    from kmp.gpt.gpus import gpu
-
-    facts = gpu(gpu_name)
-    if memory:  # XLA rematerializes what does not fit in the device's memory: lift the limit
-        facts = dataclasses.replace(facts, memory=memory)
-    try:
-        desc = topologies.get_topology_desc(platform="cuda", target_config=facts.target_config(),
-                                            topology=f"1x1x{count}")
-    except Exception as error:  # jax raises bare RuntimeError/ValueError without the plugin
-        if "cuda" not in str(error).lower() and "platform" not in str(error).lower():
-            raise
-        import importlib.util
-
-        if importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
-            raise UserError("JAX's CUDA plugin failed to start (no NVIDIA driver here), so it "
-                            "cannot compile for a GPU in this process. Set JAX_PLATFORMS=cpu "
-                            "before JAX starts (import kmp before keras or jax does it).",
-                            field="target") from None
-        raise UserError("Compiling for a GPU without one needs the JAX CUDA plugin: pip "
-                        "install 'kmp[plan]' (jax-cuda12-plugin and jax-cuda12-pjrt of "
-                        f"jaxlib's version). JAX said: {str(error).splitlines()[0]}",
-                        field="target") from None
-    return list(desc.devices)
 
 
 def _distribution(devices, mesh: str, shard: str):
@@ -157,6 +122,15 @@ def compile_step(config, policy: str, target: str = "h100", devices: int = 1, me
 
     Returns:
         A `CompiledPlan`.
+
+    Raises:
+        UserError: for a batch that does not split over the data axis, a mesh the config
+            does not fit, or no CUDA plugin (`kmp.gpt.gpus.topology`).
+
+    Example:
+    >>> from kmp.gpt.config import preset
+    >>> compile_step(preset("tiny", num_layers=1), "float32", "h100").devices  # doctest: +SKIP
+    1
     """
     import time
 
@@ -179,6 +153,7 @@ def _compile(config, policy, target, devices, mesh, shard, gemm, memory, started
 
     import kmp
     from kmp._keras import set_variable_layout
+    from kmp.gpt.gpus import topology
     from kmp.gpt.model import build_model, lm_loss, make_optimizer
 
     placed = topology(target, devices, memory)
@@ -239,7 +214,23 @@ def compiled_plan(config, policy: str, target: str = "h100", devices: int = 1, m
                   ) -> CompiledPlan:
     """XLA's memory plan of the recipe's train step for a GPU: `compile_step` in this process
     when it can (the JAX backend, the same matmul flag), else in a child process with the JAX
-    backend. Same arguments and result.
+    backend.
+
+    Args:
+        config: GPTConfig. The model, the global batch (`batch_size`, split over the
+            data-parallel devices), the sequence length, remat and attention.
+        policy: str. "float32", "mixed_float16" or "mixed_bfloat16".
+        target: str. A GPU of `kmp.gpt.gpus` or "cpu". Defaults to "h100".
+        devices: int. Devices the step runs on: data-parallel, or the mesh's. Defaults to 1.
+        mesh: str. A `--mesh` ("data=D,model=M"); "" replicates the weights. Defaults to "".
+        shard: str. The `--shard` layout with `mesh`. Defaults to "".
+        gemm: str. "triton" or "cublas": the matmul kernels XLA plans with (a child process
+            sets `--xla_gpu_enable_triton_gemm=false` for cuBLAS). Defaults to "triton".
+        memory: int or None. The device memory XLA plans within, in bytes (see
+            `compile_step`). Defaults to None: the GPU's.
+
+    Returns:
+        A `CompiledPlan`.
 
     Example:
     >>> from kmp.gpt.config import preset
@@ -282,6 +273,82 @@ def compiled_plan(config, policy: str, target: str = "h100", devices: int = 1, m
         raise RuntimeError(f"compiling the step in a JAX child process failed:\n{child.stderr}")
     return CompiledPlan(**{k: v for k, v in json.loads(child.stdout.splitlines()[-1]).items()
                            if k != "total"})
+
+
+def compiled_table(rows: list[dict]) -> str:
+    """A Markdown table of estimates beside XLA's plans (rows from `compare`), in GiB: per
+    device, the state (weights + optimizer), gradients + activations, and the total.
+
+    Args:
+        rows: list of dict. `compare`'s rows.
+
+    Returns:
+        str. The table: per row, the estimate's line and one line per matmul kernel's plan.
+
+    Example:
+    >>> compiled_table([]).startswith("| policy | remat | | weights |")
+    True
+    """
+    lines = ["| policy | remat | | weights | optimizer | gradients + activations | total "
+             "(GiB) | estimate / XLA |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        est = row["estimate"]
+        lines.append(f"| {row['policy']} | {row['remat']} | estimate | "
+                     f"{est['parameters'] / _GIB:.2f} | {est['optimizer'] / _GIB:.2f} | "
+                     f"{(est['gradients'] + est['activations']) / _GIB:.2f} | "
+                     f"{est['total'] / _GIB:.2f} | |")
+        for gemm, plan in row["compiled"].items():
+            rest = plan["total"] - plan["weights"] - plan["optimizer"]
+            lines.append(f"| | | XLA {plan['target']}, {gemm} | {plan['weights'] / _GIB:.2f} | "
+                         f"{plan['optimizer'] / _GIB:.2f} | {rest / _GIB:.2f} | "
+                         f"{plan['total'] / _GIB:.2f} | {est['total'] / plan['total']:.2f} |")
+    return "\n".join(lines)
+
+
+def compare(config, policies, target: str = "h100", gpus: int = 1,
+            gemms=("triton", "cublas"), progress=None) -> list[dict]:
+    """kmp's estimate (`kmp.gpt.memory.estimate_memory`) and XLA's compiled plans side by
+    side, per policy.
+
+    Args:
+        config: GPTConfig. The model, global batch, sequence length, remat, mesh and shard.
+        policies: list of str. The precision policies.
+        target: str. A GPU of `kmp.gpt.gpus`, or "cpu". Defaults to "h100".
+        gpus: int. Data-parallel devices (or the mesh's). Defaults to 1.
+        gemms: tuple of str. The matmul kernels to plan with. Defaults to both.
+        progress: callable or None. Called with a line before each compilation. Defaults to
+            None.
+
+    Returns:
+        One dict per policy: policy, remat, estimate (parts), compiled (gemm -> plan),
+        estimate_total_bytes and compiled_total_bytes (the first gemm's plan).
+
+    Raises:
+        UserError: from `compiled_plan` (an unknown target, no CUDA plugin).
+
+    Example:
+    >>> from kmp.gpt.config import preset
+    >>> row, = compare(preset("tiny", num_layers=1), ["float32"],
+    ...                gemms=("triton",))  # doctest: +SKIP
+    >>> 0.5 < row["estimate_total_bytes"] / row["compiled_total_bytes"] < 2  # doctest: +SKIP
+    True
+    """
+    from kmp.gpt.memory import estimate_memory
+
+    rows = []
+    for policy in policies:
+        est = estimate_memory(config, policy, gpus).to_json()
+        plans = {}
+        for gemm in gemms if target != "cpu" else ("cpu",):
+            if progress:
+                progress(f"compiling the {policy} step for {target} ({gemm} matmuls)")
+            plans[gemm] = compiled_plan(config, policy, target, gpus, config.mesh, config.shard,
+                                        "triton" if gemm == "cpu" else gemm).to_json()
+        first = next(iter(plans.values()))
+        rows.append({"policy": policy, "remat": config.remat, "estimate": est,
+                     "compiled": plans, "estimate_total_bytes": est["total"],
+                     "compiled_total_bytes": first["total"]})
+    return rows
 
 
 def _child(request: str) -> int:

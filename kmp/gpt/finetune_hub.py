@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -35,8 +34,15 @@ from kmp import backends
 from kmp.callbacks import PrecisionMonitor, TensorBoardScalars, Throughput
 from kmp.checkpoint import Checkpoint, prepare_run, restore, write_json_atomic
 from kmp.errors import UserError
+from kmp.gpt import adapters
 from kmp.gpt import lora as lora_lib
 from kmp.gpt.finetune_data import load_data
+from kmp.gpt.finetune_metrics import (
+    ValidationLoss,
+    compiled_step_bytes,
+    evaluate,
+    peak_memory,
+)
 from kmp.gpt.model import NextTokenCrossentropy
 from kmp.gpt.report import LossHistory, plot_losses
 from kmp.hardware import detect
@@ -49,38 +55,6 @@ FIXED = {"preset": "source preset", "data": "data", "lora": "LoRA setting",
          "learning_rate": "schedule"}
 
 
-def evaluate(model, batches) -> float:
-    """Weighted mean next-token cross-entropy (nats/token, summed in float64) of `model` over
-    `batches` of (inputs, targets, weights): the model's own forward pass, not `fit`'s."""
-    total = count = 0.0
-    for x, y, w in batches:
-        logits = keras.ops.convert_to_numpy(keras.ops.cast(model(x, training=False),
-                                                           "float32")).astype(np.float64)
-        top = logits.max(-1, keepdims=True)
-        lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-        ce = lse - np.take_along_axis(logits, y[..., None].astype(np.int64), -1)[..., 0]
-        total += float((ce * w).sum())
-        count += float(w.sum())
-    return total / max(count, 1.0)
-
-
-class _Validation(keras.callbacks.Callback):
-    """Adds `val_loss` (`evaluate` on the validation batches) to each epoch's logs."""
-
-    def __init__(self, batches):
-        super().__init__()
-        self.batches, self.last = batches, None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.last = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        backends.sync_state(self.model)
-        self.last = evaluate(self.model, self.batches)
-        if logs is not None:
-            logs["val_loss"] = self.last
-
-
 def _loss():
     """The recipe's next-token loss (`kmp.gpt.model.lm_loss`'s choice), averaged over the
     tokens that carry weight (a .jsonl prompt's and padding carry none)."""
@@ -88,40 +62,6 @@ def _loss():
         return keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="mean_with_sample_weight")
     return NextTokenCrossentropy(reduction="mean_with_sample_weight")
-
-
-def peak_memory() -> dict:
-    """The first GPU's peak memory in bytes (`device_peak_bytes`, `kmp.backends.gpu_memory`)
-    where there is one, and this process's peak resident set size (`host_peak_rss_bytes`:
-    all the process ever held, the interpreter and every library included)."""
-    found = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    gpu = backends.gpu_memory()
-    if gpu and gpu.get("peak") is not None:
-        found["device_peak_bytes"] = int(gpu["peak"])
-    return found
-
-
-def compiled_step_bytes(model, batch) -> dict | None:
-    """On JAX: the memory XLA plans for one training step of `model` on `batch`
-    (`jax.jit(train_step).lower(...).compile().memory_analysis()`): arguments (weights,
-    optimizer state, batch), outputs, temporaries, and `total` (less donated aliases).
-    None on other backends."""
-    if backends.name() != "jax":
-        return None
-    import jax
-
-    state = ([v.value for v in model.trainable_variables],
-             [v.value for v in model.non_trainable_variables],
-             [v.value for v in model.optimizer.variables],
-             [v.value for v in model.metrics_variables])
-    step = jax.jit(lambda s, d: type(model).train_step(model, s, d))
-    plan = step.lower(state, batch).compile().memory_analysis()
-    if plan is None:
-        return None
-    parts = {k: int(getattr(plan, f"{k}_size_in_bytes")) for k in
-             ("argument", "output", "temp", "alias", "generated_code")}
-    parts["total"] = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
-    return parts
 
 
 def _check(steps, batch_size, learning_rate, lora, base, eval_every, train_embeddings=False):
@@ -135,6 +75,9 @@ def _check(steps, batch_size, learning_rate, lora, base, eval_every, train_embed
                                           and learning_rate > 0):
         raise UserError(f"learning_rate must be a finite number > 0. Received: "
                         f"learning_rate={learning_rate!r}", field="lr")
+    if lora is not None and (not isinstance(lora, int) or isinstance(lora, bool) or lora < 1):
+        raise UserError(f"--lora must be a positive integer rank. Received: {lora!r}",
+                        field="lora")  # 0 would otherwise mean full fine-tuning
     if base not in lora_lib.BASES:
         raise UserError(f"Unknown base {base!r}. Use one of: {', '.join(lora_lib.BASES)}.",
                         field="base")
@@ -146,6 +89,10 @@ def _check(steps, batch_size, learning_rate, lora, base, eval_every, train_embed
         raise UserError("--train-embeddings goes with --lora (full fine-tuning already trains "
                         "the embedding). Add --lora RANK, or leave it out.",
                         field="train_embeddings")
+    if train_embeddings and base == "int4":  # Keras's int4 quantizes the embedding too
+        raise UserError("--train-embeddings on an int4 base: the token embedding is quantized "
+                        "and cannot train. Use --base float or int8 (which keeps the embedding "
+                        "in float).", field="train_embeddings")
     every = eval_every or next(steps // k for k in (4, 3, 2, 1) if steps % k == 0)
     if not isinstance(every, int) or every < 1 or steps % every:
         raise UserError(f"eval_every={every!r} does not divide steps={steps}. Pick a divisor.",
@@ -162,7 +109,7 @@ def finetune_preset(preset, data, out, *, lora=None, lora_targets=None, train_em
     Writes to `out`: metrics.json (the returned dict), config.json, history.json, loss.png,
     samples.txt, `preset/` (the merged model: `keras_hub.models.CausalLM.from_preset` loads
     it), `adapters.lora.h5` (LoRA runs: `backbone.load_lora_weights`), `adapters.trained.h5`
-    (with `train_embeddings`: the token embedding, `kmp.gpt.lora.load_trained`),
+    (with `train_embeddings`: the token embedding, `kmp.gpt.adapters.load_trained`),
     checkpoints/ and tensorboard/.
 
     Args:
@@ -201,6 +148,13 @@ def finetune_preset(preset, data, out, *, lora=None, lora_targets=None, train_em
     Raises:
         UserError: for bad arguments, a preset that cannot be loaded, unusable data, a
             sequence length above the model's maximum, LoRA on a GPTQ/AWQ/float8 base.
+
+    Example:
+    >>> try:  # with a preset and data: finetune_preset(preset, "notes/*.txt", out, lora=8)
+    ...     finetune_preset("presets/tiny", "notes/*.txt", "runs/ft", steps=0)
+    ... except UserError as e:
+    ...     print(e)
+    steps must be a positive integer. Received: steps=0
     """
     every = _check(steps, batch_size, learning_rate, lora, base, eval_every, train_embeddings)
     lr = learning_rate or (2e-3 if lora else 3e-4)
@@ -218,6 +172,9 @@ def finetune_preset(preset, data, out, *, lora=None, lora_targets=None, train_em
         raise UserError(f"--seq-len {seq_len} is above this model's maximum sequence length "
                         f"{limit}. Use --seq-len {limit} or less.", field="seq_len")
     settings["seq_len"] = seq_len
+    if lora:  # before the data is read: a wrong layer name or base fails at once
+        lora_lib.check_lora_base(model)
+        lora_lib.check_targets(model, lora_targets)
     tune = load_data(data, model.preprocessor, seq_len, log=log)
     out, record = prepare_run(out, settings, resume, FIXED)
     val = tune.val_batches(batch_size)
@@ -247,16 +204,16 @@ def finetune_preset(preset, data, out, *, lora=None, lora_targets=None, train_em
         restore(model, ckpt, record)
         first = record["batches"]
         if lora:
-            lora_lib.restore_adapters(model, preset, base, ckpt / lora_lib.adapters_name(first))
+            adapters.restore_adapters(model, preset, base, ckpt / adapters.adapters_name(first))
         log(f"resume: from step {first} of {steps}")
     history = LossHistory(1, state=record["extra"].get("history") if record else None)
     throughput = Throughput(batch_size * seq_len, every=max(1, min(10, every // 2)))
     checkpoint = Checkpoint(ckpt, batches=first,
                             extra_state=lambda: {"history": history.state()})
-    callbacks = [_Validation(val), PrecisionMonitor(log_dir=str(out / "tensorboard" / "kmp"),
+    callbacks = [ValidationLoss(val), PrecisionMonitor(log_dir=str(out / "tensorboard" / "kmp"),
                                                     step=first),
                  throughput, history, TensorBoardScalars(out / "tensorboard", step=first),
-                 checkpoint] + ([lora_lib.AdapterCheckpoint(checkpoint)] if lora else [])
+                 checkpoint] + ([adapters.AdapterCheckpoint(checkpoint)] if lora else [])
     backends.gpu_memory(reset=True)  # the peak of the fine-tuning, where the backend can
     started = time.time()
     if first < steps:  # keras-hub's own fit would run the preprocessor: token ids go in
@@ -267,7 +224,7 @@ def finetune_preset(preset, data, out, *, lora=None, lora_targets=None, train_em
     backends.sync_state(model)
     after = callbacks[0].last if callbacks[0].last is not None else evaluate(model, val)
     scaler = model.optimizer if plan.loss_scaling else None
-    result = {"source_preset": str(preset), "model": type(model.backbone).__name__,
+    result = {"source_preset": _recorded(preset), "model": type(model.backbone).__name__,
               "policy": plan.policy, "backend": backends.name(), "lora": lora,
               "lora_targets": targets or None, "train_embeddings": bool(train_embeddings),
               "base": base, "steps": steps,
@@ -293,6 +250,13 @@ def finetune_preset(preset, data, out, *, lora=None, lora_targets=None, train_em
     return (result, model) if return_model else result
 
 
+def _recorded(preset) -> str:
+    """How metrics.json names the source preset: a directory by its absolute path (so
+    `kmp.gpt.load_finetuned` finds it from any working directory), a name as given."""
+    path = Path(str(preset)).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(preset)
+
+
 def _save(model, out: Path, result: dict, val, log) -> None:
     """The adapters, the merged preset, and the merged preset's validation loss after a
     reload (islands put back in, as training had them)."""
@@ -300,9 +264,9 @@ def _save(model, out: Path, result: dict, val, log) -> None:
         path = out / "adapters.lora.h5"
         path.unlink(missing_ok=True)
         model.backbone.save_lora_weights(str(path))
-        trained = out / lora_lib.trained_name(path.name)
+        trained = out / adapters.trained_name(path.name)
         trained.unlink(missing_ok=True)
-        lora_lib.save_trained(model, trained)
+        adapters.save_trained(model, trained)
     tmp = out / ".preset.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_to_preset(str(tmp))
@@ -316,7 +280,7 @@ def _save(model, out: Path, result: dict, val, log) -> None:
         log(f"finetune: the merged preset re-quantizes the {result['base']} kernels: val loss "
             f"{result['val_loss_merged']:.4f} (measured {result['val_loss_after']:.4f}); the "
             "exact model is the source preset + adapters.lora.h5 "
-            "(kmp.gpt.lora.load_finetuned)")
+            "(kmp.gpt.load_finetuned)")
 
 
 def _as_text(value) -> str:
@@ -346,7 +310,24 @@ def _samples(model, tune, out: Path, count: int, seq_len: int, seed: int) -> lis
 
 
 def main(argv) -> int:
-    """`kmp finetune --preset ...`: parses `argv` and fine-tunes (see `finetune_preset`)."""
+    """Runs `kmp finetune --preset ...`: parses `argv` and fine-tunes (`finetune_preset`).
+
+    Args:
+        argv: list of str. The arguments after `kmp finetune`.
+
+    Returns:
+        0 (the exit status) once the run has finished.
+
+    Raises:
+        UserError: as `finetune_preset` does; the `kmp` command prints it as one line.
+
+    Example:
+    >>> try:
+    ...     main(["--preset", "presets/tiny", "--data", "notes", "--out", "o", "--lora", "0"])
+    ... except UserError as e:
+    ...     print(e)
+    --lora must be a positive integer rank. Received: 0
+    """
     import argparse
 
     parser = argparse.ArgumentParser(

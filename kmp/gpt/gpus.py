@@ -49,7 +49,15 @@ class Gpu:
 
     def target_config(self) -> str:
         """XLA's GpuTargetConfig for this GPU, in text form (what
-        `jax.experimental.topologies.get_topology_desc(target_config=...)` takes)."""
+        `jax.experimental.topologies.get_topology_desc(target_config=...)` takes).
+
+        Returns:
+            str. The text proto: the device's facts, the CUDA platform and cuDNN's version.
+
+        Example:
+        >>> "core_count: 132" in gpu("h100").target_config()
+        True
+        """
         major, minor = self.capability
         return "\n".join([
             "gpu_device_info {",
@@ -102,6 +110,13 @@ ALIASES = {"h100": "h100-80gb", "h200": "h200-141gb", "a100": "a100-80gb", "l4":
 def gpu(name: str) -> Gpu:
     """The GPU called `name` (a key of `GPUS`, or an alias such as "h100").
 
+    Args:
+        name: str. A key of `GPUS` ("h100-80gb", "rtx4070-8gb", ...) or of `ALIASES`
+            (case-insensitive).
+
+    Returns:
+        A `Gpu`.
+
     Raises:
         UserError: for a name kmp has no datasheet for.
 
@@ -114,3 +129,57 @@ def gpu(name: str) -> Gpu:
         raise UserError(f"Unknown GPU {name!r}. Use one of: {', '.join([*ALIASES, *GPUS])}.",
                         field="target")
     return GPUS[key]
+
+
+def topology(gpu_name: str, count: int, memory: int | None = None):
+    """`count` compile-only devices of the GPU `gpu_name` (a name `gpu` knows), or of this CPU
+    for "cpu": what `kmp.gpt.compiled.compile_step` compiles for.
+
+    Args:
+        gpu_name: str. A GPU of `GPUS` or `ALIASES` ("h100", "a100-40gb", ...) or "cpu".
+        count: int. How many devices.
+        memory: int or None. The device memory XLA is told, in bytes. Defaults to None: the
+            GPU's own.
+
+    Returns:
+        list. JAX devices (compile-only for a GPU: nothing runs on them).
+
+    Raises:
+        UserError: when the JAX CUDA plugin is not installed, or for more CPU devices than
+            this process has.
+
+    Example:
+    >>> len(topology("cpu", 1))
+    1
+    """
+    import jax
+
+    if gpu_name == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) < count:
+            raise UserError(f"{count} CPU devices asked for and this process has "
+                            f"{len(devices)}. Start kmp with --devices {count}.", field="gpus")
+        return devices[:count]
+    from jax.experimental import topologies
+
+    facts = gpu(gpu_name)
+    if memory:  # XLA rematerializes what does not fit in the device's memory: lift the limit
+        facts = dataclasses.replace(facts, memory=memory)
+    try:
+        desc = topologies.get_topology_desc(platform="cuda", target_config=facts.target_config(),
+                                            topology=f"1x1x{count}")
+    except Exception as error:  # jax raises bare RuntimeError/ValueError without the plugin
+        if "cuda" not in str(error).lower() and "platform" not in str(error).lower():
+            raise
+        import importlib.util
+
+        if importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
+            raise UserError("JAX's CUDA plugin failed to start (no NVIDIA driver here), so it "
+                            "cannot compile for a GPU in this process. Set JAX_PLATFORMS=cpu "
+                            "before JAX starts (import kmp before keras or jax does it).",
+                            field="target") from None
+        raise UserError("Compiling for a GPU without one needs the JAX CUDA plugin: pip "
+                        "install 'kmp[plan]' (jax-cuda12-plugin and jax-cuda12-pjrt of "
+                        f"jaxlib's version). JAX said: {str(error).splitlines()[0]}",
+                        field="target") from None
+    return list(desc.devices)

@@ -32,7 +32,7 @@ _KMP_ONLY = ("logits_dtype", "float32_residual")  # GPTBackbone's options, not G
 
 
 def plain_causal_lm(model, tokenizer, sequence_length: int):
-    """keras-hub's own GPT2CausalLM with `model`'s weights and `tokenizer`'s preprocessor.
+    """Copies a kmp GPT into keras-hub's own GPT2CausalLM, with a preprocessor.
 
     Args:
         model: a kmp GPT (`kmp.gpt.GPTCausalLM`) with float weights (not float8).
@@ -40,7 +40,18 @@ def plain_causal_lm(model, tokenizer, sequence_length: int):
         sequence_length: int. The preprocessor's sequence length.
 
     Returns:
-        A `keras_hub.models.GPT2CausalLM`, built under the global dtype policy.
+        A `keras_hub.models.GPT2CausalLM` with `model`'s weights, built under the global
+        dtype policy.
+
+    Example:
+    >>> import keras_hub
+    >>> from kmp.gpt import GPTConfig, build_model
+    >>> model = build_model(GPTConfig(vocab_size=6, num_layers=1, num_heads=2, hidden_dim=16,
+    ...                               intermediate_dim=32, seq_len=8))
+    >>> tokenizer = keras_hub.tokenizers.GPT2Tokenizer(
+    ...     {"<|endoftext|>": 0, "a": 1, "b": 2, "Ġ": 3, "Ġa": 4, "Ġb": 5}, ["Ġ a", "Ġ b"])
+    >>> type(plain_causal_lm(model, tokenizer, 8).backbone).__name__
+    'GPT2Backbone'
     """
     import keras_hub
 
@@ -65,7 +76,16 @@ def write_run_preset(run, directory=None, log=print) -> Path:
         The preset directory.
 
     Raises:
-        UserError: when `run` is not a finished run (`kmp.gpt.open_run`).
+        UserError: when `run` is not a finished run (`kmp.gpt.open_run`), or `directory`
+            exists and is not a preset kmp wrote.
+
+    Example:
+    >>> import tempfile
+    >>> try:
+    ...     write_run_preset(tempfile.mkdtemp())  # an empty directory: not a run
+    ... except UserError as e:
+    ...     print("no config.json" in str(e))
+    True
     """
     from kmp.gpt.run import open_run
 
@@ -94,14 +114,28 @@ def write_run_preset(run, directory=None, log=print) -> Path:
 
 
 def check_preset(run, directory=None, windows: int = 2) -> tuple[float, float]:
-    """The float32 validation loss of the run's own model and of its preset as
-    `CausalLM.from_preset` loads it, on `windows` validation batches: (run, preset).
+    """Measures a run's preset against the run's own model: their float32 validation losses.
+
+    Args:
+        run: str or Path. A finished `kmp pretrain` --out directory.
+        directory: str or Path or None. The preset (`write_run_preset`'s). Defaults to
+            `<run>/preset`.
+        windows: int. Validation batches to measure on. Defaults to 2.
+
+    Returns:
+        (the run's model's loss, the preset's loss), in nats per token; they agree within
+        1e-5 relative when the preset is right.
+
+    Raises:
+        UserError: when `run` is not a finished run (`kmp.gpt.open_run`).
 
     Example:
-        ```python
-        ours, plain = check_preset("runs/tiny")
-        assert abs(plain / ours - 1) < 1e-5
-        ```
+    >>> import tempfile
+    >>> try:
+    ...     check_preset(tempfile.mkdtemp())  # with a run: ours, plain = check_preset(run)
+    ... except UserError as e:
+    ...     print("no config.json" in str(e))
+    True
     """
     import keras_hub
 

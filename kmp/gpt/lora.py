@@ -11,8 +11,8 @@ what kmp does about it:
 - Their **biases stay trainable** (only `_kernel.trainable` is cleared). kmp freezes them:
   a LoRA run trains the adapters alone, so the frozen base is bit-for-bit the preset's and
   `adapters.lora.h5` (which holds only the adapters) is the whole fine-tune; with
-  `train_embeddings` the token embedding also trains, in full, and `save_trained` writes it
-  beside the adapters.
+  `train_embeddings` the token embedding also trains, in full, and
+  `kmp.gpt.adapters.save_trained` writes it beside the adapters.
 - On a GPTQ layer `enable_lora` raises NotImplementedError; on a float8 layer it succeeds
   but the first call raises NotImplementedError (`_float8_call`); an AWQ layer's
   `_awq_call` multiplies by the dequantized kernel and never reads the adapters, so LoRA
@@ -32,13 +32,11 @@ LoRA masters, and Adam moments only for the adapters (a few percent of the model
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from pathlib import Path
 
 import keras
 
-from kmp._keras import flatten_layers
+from kmp._keras import flatten_layers, quantize
 from kmp.errors import UserError
 
 BASES = ("float", "int8", "int4")
@@ -46,13 +44,14 @@ INT4_BLOCK = 128  # Keras's default int4 group size, capped at the model width
 
 
 def load_causal_lm(preset, dtype=None):
-    """A keras-hub `CausalLM` with its preprocessor, from a preset directory or name.
+    """Loads a keras-hub `CausalLM` with its preprocessor from a preset directory or name.
 
     Args:
         preset: str or Path. A local preset directory (what `save_to_preset` writes), or a
             keras-hub preset name or handle, which needs a download (or a local copy in the
             Kaggle/Hugging Face cache).
-        dtype: str or None. The dtype policy to build under. Defaults to the global one.
+        dtype: str or None. The dtype policy to build under (a quantized preset keeps its
+            own per-layer policies). Defaults to the global one.
 
     Returns:
         A `keras_hub.models.CausalLM`.
@@ -60,6 +59,14 @@ def load_causal_lm(preset, dtype=None):
     Raises:
         UserError: for a directory that is not a CausalLM preset, or a name that cannot be
             loaded here.
+
+    Example:
+    >>> import tempfile
+    >>> try:
+    ...     load_causal_lm(tempfile.mkdtemp())
+    ... except UserError as e:
+    ...     print("without config.json" in str(e))
+    True
     """
     import keras_hub
 
@@ -97,25 +104,72 @@ def load_causal_lm(preset, dtype=None):
 
 
 def max_sequence_length(model):
-    """The longest sequence the backbone takes, or None when it has no limit (rotary)."""
+    """The longest sequence a CausalLM's backbone takes.
+
+    Args:
+        model: a keras-hub CausalLM.
+
+    Returns:
+        An int, or None when the backbone has no limit (rotary position embeddings).
+
+    Example:
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.GPT2Backbone(64, 1, 2, 16, 32, max_sequence_length=8)
+    >>> max_sequence_length(keras_hub.models.GPT2CausalLM(backbone))
+    8
+    """
     value = getattr(model.backbone, "max_sequence_length", None)
     return int(value) if value else None
 
 
 def quantization_modes(model) -> set:
-    """The quantization modes of the model's layers (None for float layers left out)."""
+    """The quantization modes of a model's layers.
+
+    Args:
+        model: keras.Model. Any model.
+
+    Returns:
+        A set of str (e.g. {"int8"}); empty for a float model.
+
+    Example:
+    >>> dense = keras.layers.Dense(4)
+    >>> model = keras.Sequential([dense])
+    >>> dense.build((None, 4))
+    >>> quantization_modes(model)
+    set()
+    >>> dense.quantize("int8")
+    >>> quantization_modes(model)
+    {'int8'}
+    """
     return {layer.quantization_mode for layer in flatten_layers(model)
             if getattr(layer, "quantization_mode", None)}
 
 
 def quantize_base(model, base: str):
-    """Quantizes every Dense/EinsumDense and the token embedding of a CausalLM's backbone in
-    place with Keras's int8 or int4 (groups of `INT4_BLOCK`, at most the model width); an
-    int8 base keeps the embedding in float (see `_not_reversible`); "float" leaves the model.
-    Returns the model.
+    """Quantizes a CausalLM's backbone in place, for LoRA on a quantized base.
+
+    Every Dense/EinsumDense and the token embedding get Keras's int8 (per channel) or int4
+    (groups of `INT4_BLOCK`, at most the model width); an int8 base keeps the embedding in
+    float (see `_not_reversible`). Keras's `quantize` runs through `kmp._keras.quantize`: one
+    garbage collection in all, not one per kernel.
+
+    Args:
+        model: a keras-hub CausalLM with float weights.
+        base: str. "float" (left as it is), "int8" or "int4".
+
+    Returns:
+        The same model.
 
     Raises:
-        UserError: for an unknown `base`, or a base already quantized.
+        UserError: for an unknown `base`, a model already quantized, or int8 under
+            mixed_float16 (which Keras refuses).
+
+    Example:
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.GPT2Backbone(64, 1, 2, 16, 32, max_sequence_length=8)
+    >>> model = quantize_base(keras_hub.models.GPT2CausalLM(backbone), "int4")
+    >>> quantization_modes(model)
+    {'int4'}
     """
     if base not in BASES:
         raise UserError(f"Unknown base {base!r}. Use one of: {', '.join(BASES)}.", field="base")
@@ -133,11 +187,8 @@ def quantize_base(model, base: str):
     if base == "int4":
         width = getattr(model.backbone, "hidden_dim", INT4_BLOCK)
         config = keras.quantizers.Int4QuantizationConfig(block_size=min(INT4_BLOCK, width))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        warnings.filterwarnings("ignore", message="Invalid quantization mode")
-        model.backbone.quantize(base, config=config,
-                                filters=None if base != "int8" else _not_reversible)
+    quantize(model.backbone, base, config=config,
+             filters=None if base != "int8" else _not_reversible)
     return model
 
 
@@ -161,7 +212,21 @@ _NO_LORA = {
 
 
 def check_lora_base(model) -> None:
-    """Raises a one-line UserError when LoRA cannot train on `model`'s quantization."""
+    """Checks that LoRA can train on a model's quantization (float, int8 or int4).
+
+    Args:
+        model: keras.Model. The model LoRA would go into.
+
+    Raises:
+        UserError: for GPTQ, AWQ or float8 layers, on which Keras's LoRA raises or trains
+            nothing.
+
+    Example:
+    >>> dense = keras.layers.Dense(4)
+    >>> dense.build((None, 4))
+    >>> dense.quantize("int8")
+    >>> check_lora_base(keras.Sequential([dense]))  # int8: LoRA trains on it
+    """
     for mode in sorted(quantization_modes(model) & set(_NO_LORA)):
         raise UserError(f"LoRA on a {mode} base is not supported ({_NO_LORA[mode]}, Keras "
                         f"{keras.__version__}). Fine-tune a float preset with --base float, "
@@ -169,17 +234,61 @@ def check_lora_base(model) -> None:
 
 
 def lora_candidates(model) -> list:
-    """Names of the layers that can take LoRA (Dense/EinsumDense), sorted. Embeddings have
-    `enable_lora` too, but keras-hub's `save_lora_weights` reads `lora_kernel_a`, which an
-    embedding's LoRA does not have (keras-hub 0.32): they are left out."""
+    """The names of a CausalLM's layers that can take LoRA (Dense and EinsumDense).
+
+    Embeddings have `enable_lora` too, but keras-hub's `save_lora_weights` reads
+    `lora_kernel_a`, which an embedding's LoRA does not have (keras-hub 0.32): they are left
+    out.
+
+    Args:
+        model: a keras-hub CausalLM.
+
+    Returns:
+        A sorted list of str.
+
+    Example:
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.GPT2Backbone(64, 1, 2, 16, 32, max_sequence_length=8)
+    >>> lora_candidates(keras_hub.models.GPT2CausalLM(backbone))[:3]
+    ['attention_output', 'feedforward_intermediate_dense', 'feedforward_output_dense']
+    """
     return sorted({layer.name for layer in flatten_layers(model.backbone)
                    if hasattr(layer, "enable_lora") and layer.weights
                    and not isinstance(layer, keras.layers.Embedding)})
 
 
+def check_targets(model, targets) -> None:
+    """Checks that LoRA `targets` name layers of `model` that can take it.
+
+    Args:
+        model: a keras-hub CausalLM.
+        targets: list of str or None. Layer names; None (the backbone's default) passes.
+
+    Raises:
+        UserError: when a name is not one of `lora_candidates(model)`.
+
+    Example:
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.GPT2Backbone(64, 1, 2, 16, 32, max_sequence_length=8)
+    >>> try:
+    ...     check_targets(keras_hub.models.GPT2CausalLM(backbone), ["qkv"])
+    ... except UserError as e:
+    ...     print(str(e)[:47])
+    --lora-targets qkv name no Dense or EinsumDense
+    """
+    unknown = set(targets or ()) - set(lora_candidates(model))
+    if unknown:
+        raise UserError(f"--lora-targets {', '.join(sorted(unknown))} name no Dense or "
+                        f"EinsumDense layer of this model. Use some of: "
+                        f"{', '.join(lora_candidates(model))}.", field="lora_targets")
+
+
 def enable_lora(model, rank: int, targets=None) -> list:
-    """Puts rank-`rank` LoRA adapters into the `targets` layers of a CausalLM's backbone,
-    freezing everything else, biases of the targets included.
+    """Puts LoRA adapters into a CausalLM's backbone and freezes everything else.
+
+    The `targets` layers get rank-`rank` adapters (float32 masters under any policy); every
+    other weight is frozen, the targets' own kernels and biases included (keras-hub would
+    leave the biases trainable).
 
     Args:
         model: a keras-hub CausalLM (float, int8 or int4 base).
@@ -192,18 +301,23 @@ def enable_lora(model, rank: int, targets=None) -> list:
 
     Raises:
         UserError: for a rank below 1, a GPTQ/AWQ/float8 base, or targets naming no layer.
+
+    Example:
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.GPT2Backbone(64, 1, 2, 16, 32, max_sequence_length=8)
+    >>> model = keras_hub.models.GPT2CausalLM(backbone)
+    >>> sorted(layer.name for layer in enable_lora(model, 4))
+    ['query', 'value']
+    >>> sorted({v.path.rsplit("/", 1)[-1] for v in model.trainable_variables})
+    ['lora_kernel_a', 'lora_kernel_b']
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise UserError(f"--lora must be a positive integer rank. Received: {rank!r}",
                         field="lora")
     check_lora_base(model)
+    check_targets(model, targets)
     backbone = model.backbone
     names = list(targets) if targets else backbone.default_lora_layer_names()
-    unknown = set(names) - set(lora_candidates(model))
-    if targets and unknown:
-        raise UserError(f"--lora-targets {', '.join(sorted(unknown))} name no Dense or "
-                        f"EinsumDense layer of this model. Use some of: "
-                        f"{', '.join(lora_candidates(model))}.", field="lora_targets")
     backbone.enable_lora(rank, target_layer_names=names)
     layers = [layer for layer in flatten_layers(backbone) if getattr(layer, "lora_enabled",
                                                                      False)]
@@ -218,10 +332,12 @@ def enable_lora(model, rank: int, targets=None) -> list:
 
 
 def train_embeddings(model) -> list:
-    """Makes the token embedding of a LoRA model's backbone train in full beside the
-    adapters (PEFT's `modules_to_save`). In GPT-2 and Gemma it is tied to the vocabulary
-    projection; where it is not (Llama), its `reverse_embeddings` train too. A transfer that
-    changes which tokens are frequent moves it most, and LoRA alone leaves it frozen.
+    """Makes the token embedding of a LoRA model train in full beside the adapters.
+
+    PEFT calls this `modules_to_save`. In GPT-2 and Gemma the embedding is tied to the
+    vocabulary projection; where it is not (Llama), its `reverse_embeddings` train too. A
+    transfer that changes which tokens are frequent moves it most, and LoRA alone leaves it
+    frozen.
 
     Args:
         model: a keras-hub CausalLM with LoRA enabled (`enable_lora`).
@@ -232,6 +348,14 @@ def train_embeddings(model) -> list:
     Raises:
         UserError: when the backbone has no `token_embedding`, or it is quantized (an int4
             base: quantized weights cannot train).
+
+    Example:
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.GPT2Backbone(64, 1, 2, 16, 32, max_sequence_length=8)
+    >>> model = keras_hub.models.GPT2CausalLM(backbone)
+    >>> _ = enable_lora(model, 4)
+    >>> [v.path for v in train_embeddings(model)]
+    ['token_embedding/embeddings']
     """
     layer = getattr(model.backbone, "token_embedding", None)
     if layer is None or not layer.weights:
@@ -246,129 +370,37 @@ def train_embeddings(model) -> list:
     return list(layer.trainable_variables)
 
 
-def trained_name(adapters: str) -> str:
-    """The file of fully trained weights beside an adapters file: `x.lora.h5` ->
-    `x.trained.h5`."""
-    return adapters.replace(".lora.h5", ".trained.h5")
-
-
-def save_trained(model, path) -> bool:
-    """Writes the fully trained (not LoRA) variables of a LoRA model to `path` (HDF5, one
-    dataset per variable path, float32 masters as they are). Returns whether there were any
-    (nothing is written otherwise)."""
-    import h5py
-
-    found = [v for v in model.trainable_variables if "lora_kernel" not in v.path]
-    if not found:
-        return False
-    with h5py.File(path, "w") as f:
-        for v in found:
-            f[v.path] = keras.ops.convert_to_numpy(v)
-    return True
-
-
-def load_trained(model, path) -> None:
-    """Assigns the variables `save_trained` wrote to `path` into `model`, by path.
-
-    Raises:
-        UserError: when the file names a variable `model` does not have, or of another shape.
-    """
-    import h5py
-
-    variables = {v.path: v for v in model.weights}
-    with h5py.File(path, "r") as f:
-        names = []
-        f.visit(lambda name: names.append(name) if isinstance(f[name], h5py.Dataset) else None)
-        for name in names:
-            if name not in variables or tuple(variables[name].shape) != f[name].shape:
-                raise UserError(f"{path} holds {name} {f[name].shape}, which this model does "
-                                "not have. Load it into the model it was trained from.",
-                                field="preset")
-            variables[name].assign(f[name][()])
-
-
 def param_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts: elements of the model's variables (a packed int4
-    kernel counts the bytes it stores)."""
+    """Counts a model's trainable and total parameters.
+
+    Args:
+        model: keras.Model. Any model.
+
+    Returns:
+        (trainable, total): elements of the model's variables (a packed int4 kernel counts
+        the bytes it stores).
+
+    Example:
+    >>> param_counts(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+    (8, 8)
+    """
     trainable = sum(int(v.numpy().size) for v in model.trainable_weights)
     total = sum(int(v.numpy().size) for v in model.weights)
     return trainable, total
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's variables as stored (int8/int4 kernels at their size)."""
-    return sum(int(v.numpy().nbytes) for v in model.weights)
-
-
-def adapters_name(batches: int) -> str:
-    """The adapters file saved beside the checkpoint after `batches` batches."""
-    return f"adapters-{batches:08d}.lora.h5"
-
-
-class AdapterCheckpoint(keras.callbacks.Callback):
-    """Saves the LoRA adapters beside each `kmp.checkpoint.Checkpoint`
-    (`adapters-<batches>.lora.h5`, the two newest kept). Keras 3.15.1 saves a LoRA layer's
-    kernel with the adapters merged in (an int8/int4 kernel re-quantized) and zeroes the
-    adapters when it loads one: a checkpoint alone resumes the same function but not the
-    same parameters."""
-
-    def __init__(self, checkpoint):
-        super().__init__()
-        self.checkpoint = checkpoint
-
-    def on_epoch_end(self, epoch, logs=None):
-        if getattr(self.model, "stop_training", False):
-            return
-        directory = self.checkpoint.directory
-        path = directory / adapters_name(self.checkpoint.batches)
-        tmp = path.with_name(f"tmp-{path.name}")
-        self.model.backbone.save_lora_weights(str(tmp))
-        os.replace(tmp, path)
-        for old in sorted(directory.glob("adapters-*.lora.h5"))[:-2]:
-            old.unlink(missing_ok=True)
-
-
-def restore_adapters(model, preset, base, path: Path) -> None:
-    """After `kmp.checkpoint.restore` of a LoRA run: the frozen base back from the preset (the
-    checkpoint holds merged kernels), then the adapters saved with the checkpoint. Variables
-    that train in full (`train_embeddings`) keep the checkpoint's values: they are no LoRA
-    layer's, so the checkpoint holds them exactly."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the LoRA adapters saved with the checkpoint. "
-                        "Start the run again without --resume.", field="resume")
-    fresh = quantize_base(load_causal_lm(preset), base)
-    found = {v.path: v for v in fresh.weights}
-    trained = {v.path for v in model.trainable_variables}
-    for variable in model.weights:
-        if variable.path in found and variable.path not in trained:
-            variable.assign(found[variable.path])
-    model.backbone.load_lora_weights(str(path))
-
-
-def load_finetuned(out, merged: bool = False, dtype=None):
-    """A `kmp finetune --preset` result, loaded.
+    """The bytes of a model's variables as stored (int8/int4 kernels at their size).
 
     Args:
-        out: str or Path. The run's --out directory.
-        merged: bool. The merged preset (`out/preset`; for an int8/int4 base, re-quantized
-            after the merge). False rebuilds the exact model that was measured: the source
-            preset, quantized as it was, with `adapters.lora.h5` (and, for
-            `train_embeddings`, `adapters.trained.h5`) loaded. A full fine-tune
-            has only the merged form. Defaults to False.
-        dtype: str or None. The dtype policy. Defaults to the global one.
+        model: keras.Model. Any model.
 
     Returns:
-        A keras-hub CausalLM with its preprocessor.
+        An int.
+
+    Example:
+    >>> weight_bytes(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))  # float32
+    32
     """
-    out = Path(out).expanduser()
-    record = json.loads((out / "metrics.json").read_text())
-    if merged or not record.get("lora"):
-        return load_causal_lm(out / "preset", dtype=dtype)
-    model = load_causal_lm(record["source_preset"], dtype=dtype)
-    quantize_base(model, record["base"])
-    enable_lora(model, record["lora"], record["lora_targets"])
-    model.backbone.load_lora_weights(str(out / "adapters.lora.h5"))
-    if record.get("train_embeddings"):
-        train_embeddings(model)
-        load_trained(model, out / trained_name("adapters.lora.h5"))
-    return model
+    return sum(int(v.numpy().nbytes) for v in model.weights)
+

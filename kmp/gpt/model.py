@@ -9,8 +9,10 @@ import keras
 import keras_hub
 from keras import ops
 
+from kmp import backends
 from kmp._keras import (
     flatten_layers,
+    quantize,
     remat_mode,
     remat_tensors_only,
     replace_sublayer,
@@ -18,6 +20,7 @@ from kmp._keras import (
 )
 from kmp.errors import UserError
 from kmp.gpt.config import GPTConfig
+from kmp.gpt.memory import param_count
 from kmp.hardware import detect
 from kmp.layers import harden
 from kmp.layers.harden import set_float32_residual
@@ -31,7 +34,9 @@ class GPTBackbone(keras_hub.models.GPT2Backbone):
     keras-hub's `GPT2Backbone.get_config` keeps only the backbone's own dtype policy, so a
     vocabulary projection moved to the compute dtype or a float32 residual stream would come
     back from a `.keras` file as keras-hub's defaults: another computation than the one
-    trained. This subclass records both and applies them when it is rebuilt.
+    trained. This subclass records both and applies them when it is rebuilt. On TensorFlow its
+    feed-forward GELU is `kmp.backends.kernel("gelu_tanh")`: the same function with a
+    hand-written gradient, fewer passes over the activations (docs/benchmarks.md).
 
     Args:
         *args: `keras_hub.models.GPT2Backbone`'s arguments.
@@ -48,6 +53,11 @@ class GPTBackbone(keras_hub.models.GPT2Backbone):
         self.float32_residual = bool(float32_residual)
         if self.float32_residual:
             set_float32_residual(self)
+        gelu = backends.kernel("gelu_tanh")  # the same function in fewer passes (TensorFlow)
+        for layer in flatten_layers(self):
+            if (isinstance(layer, keras.layers.Dense)
+                    and getattr(layer.activation, "__name__", "") == "gelu_approximate"):
+                layer.activation = gelu or layer.activation
 
     def get_config(self):
         return {**super().get_config(), "logits_dtype": self.logits_dtype,
@@ -161,28 +171,8 @@ def use_float8(model):
         raise UserError("float8 training of a model built with remat is not supported (the "
                         "recomputed pass would update the float8 scales twice). Use "
                         "remat='none' or no float8.", field="remat")
-    with warnings.catch_warnings():
-        # Keras names every layer it has nothing to quantize in.
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        warnings.filterwarnings("ignore", message="Invalid quantization mode")
-        model.quantize("float8")
+    quantize(model, "float8")
     return model
-
-
-def param_count(config: GPTConfig, position_embeddings: bool = True) -> int:
-    """Parameters of the model `build_model(config)` builds, counted by hand (tied embeddings).
-
-    Example:
-    >>> from kmp.gpt.config import preset
-    >>> round(param_count(preset("gpt2-124m")) / 1e6, 1)
-    124.5
-    """
-    h, i, layers = config.hidden_dim, config.intermediate_dim, config.num_layers
-    per_layer = (4 * h * h + 4 * h)  # query, key, value and output projections with biases
-    per_layer += 2 * h * i + i + h  # the MLP
-    per_layer += 2 * 2 * h  # two layer norms
-    total = config.vocab_size * h + layers * per_layer + 2 * h  # + the final layer norm
-    return total + (config.seq_len * h if position_embeddings else 0)
 
 
 def flops_per_token(config: GPTConfig) -> int:
@@ -205,7 +195,9 @@ class NextTokenCrossentropy(keras.losses.Loss):
     written out. On a CPU this is faster than TensorFlow's fused
     SparseSoftmaxCrossEntropyWithLogits kernel: whole training steps measured 1.04x to 1.11x
     as fast on a 2-core Xeon (tiny and small presets, bfloat16 and float32; docs/benchmarks.md).
-    `lm_loss` picks it where it wins.
+    `lm_loss` picks it where it wins. On TensorFlow, for (batch, length) targets, it is
+    `kmp.backends.kernel("next_token_crossentropy")`: TensorFlow's log-softmax kernel, its
+    output kept for the gradient.
 
     Args:
         reduction: str. Keras loss reduction. Defaults to "sum_over_batch_size".
@@ -226,6 +218,9 @@ class NextTokenCrossentropy(keras.losses.Loss):
     def call(self, y_true, y_pred):
         labels = ops.cast(y_true, "int32")
         logits = ops.cast(y_pred, "float32")
+        own = backends.kernel("next_token_crossentropy")
+        if own is not None and len(labels.shape) == 2:  # (batch, length) targets
+            return own(labels, logits)
         vocab = ops.shape(logits)[-1]
 
         @ops.custom_gradient

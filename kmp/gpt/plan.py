@@ -17,8 +17,7 @@ import re
 
 from kmp.errors import UserError
 from kmp.gpt.config import GPTConfig, preset
-from kmp.gpt.memory import GIB, estimate_memory
-from kmp.gpt.model import param_count
+from kmp.gpt.memory import GIB, estimate_memory, param_count
 
 USABLE = 0.9  # of a GPU's memory: the rest goes to the CUDA context, workspaces, fragmentation
 REMATS = ("none", "blocks")
@@ -42,6 +41,15 @@ class Setting:
 def parse_params(text: str) -> int:
     """A parameter count from "1b", "350m", "1.3B", "7e9".
 
+    Args:
+        text: str. A number with an optional k, m, b or t suffix (case-insensitive).
+
+    Returns:
+        int. The count.
+
+    Raises:
+        UserError: for text that is not such a count, or a count under a million.
+
     Example:
     >>> parse_params("1.5b")
     1500000000
@@ -62,6 +70,16 @@ def shape_for_params(n: int) -> GPTConfig:
     """A GPT-2-architecture config of about `n` parameters: width a multiple of 128, 64- or
     128-wide heads, width/depth between 48 and 128 as in GPT-3's family (Brown et al. 2020,
     table 2.1), GPT-2's vocabulary and 1024-token context.
+
+    Args:
+        n: int. The parameter count to come near.
+
+    Returns:
+        GPTConfig. The shape (depth, width, heads) whose `param_count` is nearest `n`.
+
+    Raises:
+        UserError: when no shape within those bounds exists (under about 10 million, or
+            beyond a trillion parameters).
 
     Example:
     >>> c = shape_for_params(10**9)
@@ -142,7 +160,14 @@ def what_fits(config: GPTConfig, memory: int, devices: int = 1, global_batch: in
         capability: tuple. The GPU's compute capability. Defaults to (9, 0).
 
     Returns:
-        A list of `Setting`.
+        A list of `Setting`, one per precision, remat and sharding, fitting ones first.
+
+    Example:
+    >>> settings = what_fits(preset("gpt2-124m"), 8 * 2**30, global_batch=64,
+    ...                      capability=(8, 9))
+    >>> s = settings[0]
+    >>> (s.precision, s.remat, s.fits, s.micro_batch * s.grad_accum >= 64)
+    ('mixed_bfloat16', 'none', True, True)
     """
     usable = int(memory * USABLE)
     settings = []
@@ -171,7 +196,22 @@ def what_fits(config: GPTConfig, memory: int, devices: int = 1, global_batch: in
 
 
 def why_not(config: GPTConfig, memory: int, devices: int, capability: tuple) -> str:
-    """Why nothing fits, and what would: more devices with fsdp, or a smaller model."""
+    """Why nothing fits, and what would: more devices with fsdp, or a smaller model.
+
+    Args:
+        config: GPTConfig. The model.
+        memory: int. Bytes of one device.
+        devices: int. Devices.
+        capability: tuple. The GPU's compute capability.
+
+    Returns:
+        str. Lines: the state's bytes against the devices', the device count that fits, the
+        largest model that fits on one device, and fine-tuning as the alternative.
+
+    Example:
+    >>> why_not(preset("gpt2-1.5b"), 8 * 2**30, 1, (8, 9)).startswith("does not fit")
+    True
+    """
     n = param_count(config)
     usable = memory * USABLE
     lines = [f"does not fit: the float32 weights, gradients and AdamW's two moments alone "
@@ -200,6 +240,18 @@ def why_not(config: GPTConfig, memory: int, devices: int, capability: tuple) -> 
 
 
 def table(settings: list[Setting]) -> str:
+    """A Markdown table of `settings`, one row each, in GiB per device.
+
+    Args:
+        settings: list of `Setting`. From `what_fits`.
+
+    Returns:
+        str. The table.
+
+    Example:
+    >>> print(table([Setting("float32", "none", "", "", 2, 4, 2**31, True)]).splitlines()[2])
+    | float32 | none | - | 2 | 4 | 2.00 | yes |
+    """
     lines = ["| precision | remat | sharding | micro-batch | grad. accumulation | GiB per "
              "device | fits |", "|---|---|---|---|---|---|---|"]
     for s in settings:
@@ -210,18 +262,36 @@ def table(settings: list[Setting]) -> str:
     return "\n".join(lines)
 
 
-def nearest_check(config: GPTConfig, precision: str, remat: str) -> str | None:
-    """How close the estimate was to XLA's H100 plan on the nearest measured GPT-2 size."""
+def nearest_check(config: GPTConfig, precision: str, remat: str, shard: str = "") -> str | None:
+    """How close the estimate was to XLA's H100 plan on the nearest measured GPT-2 size.
+
+    Args:
+        config: GPTConfig. The model (its parameter count picks the nearest measured size).
+        precision: str. The policy.
+        remat: str. "none" or "blocks".
+        shard: str. The sharding ("" for one GPU or replicated): a measured row sharded the
+            same way is cited where there is one, else the one-GPU rows. Defaults to "".
+
+    Returns:
+        str or None. One sentence citing `kmp.gpt.memory_checks`; None where no row of that
+        policy and remat was measured.
+
+    Example:
+    >>> nearest_check(preset("gpt2-124m"), "mixed_bfloat16", "none").startswith("the estimate")
+    True
+    """
     from kmp.gpt.memory_checks import CHECKS
 
-    rows = [c for c in CHECKS if c["policy"] == precision and c["remat"] == remat
-            and c["devices"] == 1]
+    rows = [c for c in CHECKS if c["policy"] == precision and c["remat"] == remat]
+    same = [c for c in rows if c["shard"] == shard and (shard or c["devices"] == 1)]
+    rows = same or [c for c in rows if c["devices"] == 1]
     if not rows:
         return None
     n = param_count(config)
     row = min(rows, key=lambda c: abs(math.log(c["params"] / n)))
-    return (f"the estimate was {row['ratio']:.3f}x XLA's H100 plan for {row['preset']} under "
-            f"{precision}, remat {remat} (the nearest measured size; docs/memory.md)")
+    where = f" on {row['devices']} GPUs ({row['shard']})" if row["devices"] > 1 else ""
+    return (f"the estimate was {row['ratio']:.3f}x XLA's H100 plan for {row['preset']}{where} "
+            f"under {precision}, remat {remat} (the nearest measured size; docs/memory.md)")
 
 
 def main(argv: list[str]) -> int:
@@ -287,7 +357,7 @@ def main(argv: list[str]) -> int:
           f"{f', --mesh {best.mesh}' if best.mesh and not best.shard else ''}, micro-batch "
           f"{best.micro_batch} x {best.grad_accum} accumulation steps: "
           f"{best.bytes / GIB:.2f} GiB per device (estimate)")
-    note = nearest_check(config, best.precision, best.remat)
+    note = nearest_check(config, best.precision, best.remat, best.shard)
     if note:
         print(f"  {note}")
     if opts.check == "compile":

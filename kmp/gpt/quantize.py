@@ -29,7 +29,6 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 
 import keras
@@ -37,6 +36,7 @@ import numpy as np
 
 import kmp
 from kmp._keras import gptq_awq_calibration, gptq_awq_saveable
+from kmp._keras import quantize as keras_quantize
 from kmp.checkpoint import write_bytes_atomic
 from kmp.errors import UserError
 from kmp.gpt import data
@@ -123,11 +123,8 @@ def quantize_model(model, mode: str, calibration=None, tokenizer=None, group_siz
     if mode in ("gptq", "awq"):
         keras.config.disable_interactive_logging()  # Keras's progress bar over the blocks
     try:
-        with warnings.catch_warnings(), calibrating:
-            # Keras names every layer it has nothing to quantize in.
-            warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-            warnings.filterwarnings("ignore", message="Invalid quantization mode")
-            model.quantize(mode, config=config)
+        with calibrating:
+            keras_quantize(model, mode, config=config)
     finally:
         if interactive:
             keras.config.enable_interactive_logging()

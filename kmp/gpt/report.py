@@ -202,6 +202,8 @@ def finish(model, config, out, cache, val_ds, history: LossHistory, throughput,
     from kmp.gpt.run import attach_preprocessor
 
     val_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
+    state_bytes = state_bytes_per_device(model)
+    distributed.gather(model)  # weights split across processes: whole on each from here on
     checksum = weights_checksum(model)
     print(f"weights sha256: {checksum}")
     if not distributed.is_chief():
@@ -231,7 +233,7 @@ def finish(model, config, out, cache, val_ds, history: LossHistory, throughput,
         "recoveries": recoveries,
         "attention": attention_summary(model),
         "processes": distributed.process_count(),
-        "state_bytes_per_device": state_bytes_per_device(model),
+        "state_bytes_per_device": state_bytes,
         "weights_sha256": checksum,
         "wall_seconds": time.time() - started,
     }

@@ -18,8 +18,8 @@ and says which of its dimensions each shard mode splits over which axis:
 With no `shard` a mesh is plain data parallelism: every weight replicated, the batch split
 over the data axis. XLA's SPMD partitioner inserts the collectives; the global step is one
 program, so per-step losses equal one device's up to float32 summation order. A mesh spans
-every process's devices (`--processes`), but weights split across processes are refused for
-now: Keras saves checkpoints from process 0 alone (`kmp.distributed.local`).
+every process's devices (`--processes`); a checkpoint gathers the weights split across
+processes whole for process 0 to write (`kmp.distributed.whole`).
 """
 
 from __future__ import annotations
@@ -128,8 +128,7 @@ def check(config, sizes: dict | None = None, shard: str | None = None) -> None:
     Raises:
         UserError: for a shard without a mesh, a mesh with --strategy mirrored, an axis that
             nothing uses, an axis size that does not divide a dimension it splits (the heads,
-            the width, the vocabulary...), the batch, or the data axis over processes; a
-            shard across processes.
+            the width, the vocabulary...), the batch, or the data axis over processes.
     """
     sizes = parse_mesh(config.mesh) if sizes is None else sizes
     shard = config.shard if shard is None else shard
@@ -160,11 +159,6 @@ def check(config, sizes: dict | None = None, shard: str | None = None) -> None:
         raise UserError(f"batch_size {config.batch_size} does not split over mesh data="
                         f"{sizes['data']}. Use a multiple of {sizes['data']}.",
                         field="batch_size")
-    if shard and config.processes > 1:  # Keras saves from process 0 alone (kmp.distributed.local)
-        raise UserError(f"shard={shard} across {config.processes} processes is not supported "
-                        "yet: a checkpoint needs every weight whole on process 0. Use --mesh "
-                        "data=D without --shard across processes, or shard over one "
-                        "process's devices.", field="shard")
     if sizes["data"] % config.processes:
         raise UserError(f"mesh data={sizes['data']} does not split over {config.processes} "
                         "processes (each holds whole rows of the batch). Use a data size "

@@ -93,8 +93,25 @@ def is_hardened(layer) -> bool:
 
 
 def attention_choices(model) -> list[AttentionChoice]:
-    """The attention choices `harden` made for `model`'s layers, one per shape class, in model
-    order, each with the number of layers that follow it (an empty list before `harden`)."""
+    """Lists the attention choices `harden` made for a model's layers.
+
+    Args:
+        model: keras.Model or keras.layers.Layer. A model, backbone or layer `harden` went
+            through (or not).
+
+    Returns:
+        A list of `AttentionChoice`, one per shape class of attention layers, in model
+        order, each with `layers` set to how many layers follow it; an empty list before
+        `harden`.
+
+    Example:
+    >>> import keras_hub
+    >>> b = keras_hub.models.GPT2Backbone(64, 2, 2, 16, 32, max_sequence_length=8)
+    >>> attention_choices(b)
+    []
+    >>> [(c.choice, c.layers) for c in attention_choices(harden(b, attention="island"))]
+    [('island', 2)]
+    """
     found = {}
     for layer in flatten_layers(model, include_self=True):
         choice = _CHOSEN.get(layer) if isinstance(layer, keras.layers.MultiHeadAttention) else None
