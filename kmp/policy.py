@@ -144,7 +144,8 @@ def pointless(policy: str, jit: bool, hw: Hardware) -> str | None:
     """
     from kmp import backends
 
-    xla_optional = not backends.jit_compile_for(False)[0]  # TensorFlow (JAX keeps XLA on)
+    # XLA both on and off (TensorFlow; JAX keeps it on, torch stays eager)
+    xla_optional = backends.jit_compile_for(True)[0] and not backends.jit_compile_for(False)[0]
     if hw.kind == "cpu" and policy == "mixed_bfloat16" and jit and xla_optional:
         return f"bfloat16 with XLA on CPUs is no faster than float32 ({_measured()})."
     return _warning_for(policy, hw)
