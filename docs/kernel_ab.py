@@ -1,6 +1,7 @@
 """One change to kmp's TensorFlow step against the step without it, in one process.
 
     python docs/kernel_ab.py small mixed_bfloat16 kernels      # kmp.backends.kernel on / off
+    python docs/kernel_ab.py small mixed_bfloat16 kernel:layer_norm   # one of them on / off
     python docs/kernel_ab.py small mixed_bfloat16 xla-update   # AdamW's update under XLA
     python docs/kernel_ab.py tiny float32 fusible              # XLA clusters of element-wise ops
 
@@ -29,7 +30,7 @@ from kmp import backends  # noqa: E402
 from kmp.gpt import build_model, build_token_cache, lm_loss, make_optimizer, preset  # noqa: E402
 from kmp.gpt.data import window_batch  # noqa: E402
 
-CHANGES = ("kernels", "xla-update", "fusible")
+CHANGES = ("kernels", "kernel:NAME", "xla-update", "fusible")
 
 
 def update_under_xla(optimizer):
@@ -48,7 +49,8 @@ def update_under_xla(optimizer):
 
 def main():
     name, policy, change = sys.argv[1:4]
-    if change not in CHANGES:
+    only = change.partition("kernel:")[2]  # one kernel of kmp.backends.kernel, by name
+    if change not in CHANGES and not only:
         sys.exit(f"change must be one of {', '.join(CHANGES)}; got {change!r}")
     config = preset(name)
     kmp.set_policy(policy)
@@ -62,7 +64,10 @@ def main():
                                           y, return_dict=True)["loss"])
 
     def build(with_change):
-        backends.kernel = own_kernel if with_change or change != "kernels" else (lambda _: None)
+        if with_change or not (change == "kernels" or only):
+            backends.kernel = own_kernel
+        else:  # A: without kmp's kernels, or without the one named
+            backends.kernel = lambda n: None if n == only or not only else own_kernel(n)
         keras.utils.set_random_seed(config.seed)
         model = build_model(config)
         optimizer = make_optimizer(config, model)

@@ -71,6 +71,13 @@ def overwrites_with_gradient(optimizer, variable) -> bool:
 
 
 # --- keras.layers.MultiHeadAttention internals (Keras 3.15.1) used by the FP32 islands.
+def set_layer_call(layer, fn):
+    """Makes this layer instance compute `fn(layer, *args, **kwargs)` in place of its class's
+    `call` (the class's is `type(layer).call`)."""
+    with tracking_unlocked(layer):
+        layer.call = fn.__get__(layer, type(layer))
+
+
 def mha_softmax(layer):
     """The softmax sublayer of a MultiHeadAttention (`_softmax`)."""
     return layer._softmax

@@ -82,10 +82,13 @@ def in_compiled_function(value) -> bool:
 def kernel(name: str):
     """The active backend's own implementation of an element-wise computation kmp would
     otherwise compose from keras.ops, or None where Keras's is as good. TensorFlow (XLA off
-    runs a graph op by op) has "gelu_tanh" (GPT-2's activation) and "next_token_crossentropy"
+    runs a graph op by op) has "gelu_tanh" (GPT-2's activation), "next_token_crossentropy"
     (`labels`, float32 `logits` of shape (batch, length, vocabulary) -> per-token losses),
-    each with a hand-written gradient taking fewer passes over the tensor; on JAX, XLA fuses
-    the composed forms, and torch has one kernel for each.
+    "layer_norm" (`x, gamma, beta, epsilon`, over the last axis, in float32) and
+    "attention_island" (`query, key, value, mask, scale` -> the float32 attention island of
+    `kmp.layers.attention.float32_attention`), each with a hand-written gradient taking fewer
+    passes over the tensor; on JAX, XLA fuses the composed forms, and torch has one kernel for
+    each.
 
     Example:
     >>> kernel("no such kernel") is None

@@ -166,3 +166,72 @@ def next_token_crossentropy(labels, logits):
         return -tf.gather(log_p, labels, batch_dims=2), grad
 
     return crossentropy(logits)
+
+
+_MASKED = -1e9  # as kmp.layers.Softmax: finite in float32, exp() of it is exactly 0
+
+
+def attention_island(query, key, value, mask, scale):
+    """The float32 attention island of `kmp.layers.attention.float32_attention` for query,
+    key and value of shape (batch, length, heads, width) in the compute dtype and a boolean
+    `mask` (batch, query length, key length) or None -> (batch, length, heads, width).
+
+    The same forward as the composed island (float32 scores of the scaled query, masked,
+    float32 softmax, the probabilities rounded to the compute dtype for the product with the
+    values), in (batch, heads, length, width) layout from one transpose of each input, and a
+    hand-written backward: the softmax's gradient in float32, none through the mask, and the
+    score gradient rounded to the compute dtype for its products with the query and key, which
+    run as bfloat16/float16 matmuls like every other gradient of the step instead of float32
+    ones (TensorFlow has no CPU matmul of half-precision inputs into float32).
+    """
+    compute = value.dtype
+    q, k, v = (tf.transpose(t, [0, 2, 1, 3]) for t in (query, key, value))
+    keep = None if mask is None else tf.cast(mask, tf.bool)[:, None]
+
+    @tf.custom_gradient
+    def core(q, k, v):
+        scores = tf.matmul(tf.cast(q, tf.float32) * scale, tf.cast(k, tf.float32),
+                           transpose_b=True)
+        if keep is not None:
+            scores = tf.where(keep, scores, _MASKED)
+        p = tf.nn.softmax(scores)
+        p_low = tf.cast(p, compute)
+        out = tf.matmul(p_low, v)
+
+        def grad(dout):  # the scale folded into dout: one rounding of a small tensor
+            scaled = tf.cast(tf.cast(dout, tf.float32) * scale, compute)
+            dp = tf.cast(tf.matmul(scaled, v, transpose_b=True), tf.float32)
+            ds = tf.cast(p * (dp - tf.reduce_sum(dp * p, -1, keepdims=True)), compute)
+            return (tf.matmul(ds, k), tf.matmul(ds, q, transpose_a=True),
+                    tf.matmul(p_low, dout, transpose_a=True))
+
+        return out, grad
+
+    return tf.transpose(core(q, k, v), [0, 2, 1, 3])
+
+
+def layer_norm(x, gamma, beta, epsilon):
+    """Layer normalization over the last axis, computed in float32 and returned in `x`'s
+    dtype (as `keras.ops.layer_normalization`), with a hand-written gradient: about 11 passes
+    over the activations forward and backward, against about twice that for the autodiff of
+    Keras's composed form, which also broadcasts the scale into a full-size tensor."""
+    dtype = x.dtype
+
+    @tf.custom_gradient
+    def norm(x, gamma, beta):
+        centered = x - tf.reduce_mean(x, -1, keepdims=True)
+        inv = tf.math.rsqrt(tf.reduce_mean(tf.square(centered), -1, keepdims=True) + epsilon)
+        normed = centered * inv
+
+        def grad(dy):
+            dy = tf.cast(dy, tf.float32)
+            rows = tf.range(tf.rank(dy) - 1)
+            g = dy * gamma
+            dx = inv * (g - tf.reduce_mean(g, -1, keepdims=True)
+                        - normed * tf.reduce_mean(g * normed, -1, keepdims=True))
+            return dx, tf.reduce_sum(dy * normed, rows), tf.reduce_sum(dy, rows)
+
+        return normed * gamma + beta, grad
+
+    out = norm(tf.cast(x, tf.float32), tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32))
+    return tf.cast(out, dtype)

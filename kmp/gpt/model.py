@@ -17,6 +17,7 @@ from kmp._keras import (
     remat_tensors_only,
     replace_sublayer,
     restore_int4_reverse_inputs,
+    set_layer_call,
 )
 from kmp.errors import UserError
 from kmp.gpt.config import GPTConfig
@@ -35,8 +36,9 @@ class GPTBackbone(keras_hub.models.GPT2Backbone):
     vocabulary projection moved to the compute dtype or a float32 residual stream would come
     back from a `.keras` file as keras-hub's defaults: another computation than the one
     trained. This subclass records both and applies them when it is rebuilt. On TensorFlow its
-    feed-forward GELU is `kmp.backends.kernel("gelu_tanh")`: the same function with a
-    hand-written gradient, fewer passes over the activations (docs/benchmarks.md).
+    feed-forward GELU and its layer norms are `kmp.backends.kernel("gelu_tanh")` and
+    `kernel("layer_norm")`: the same functions with hand-written gradients, fewer passes over
+    the activations (docs/benchmarks.md).
 
     Args:
         *args: `keras_hub.models.GPT2Backbone`'s arguments.
@@ -53,15 +55,28 @@ class GPTBackbone(keras_hub.models.GPT2Backbone):
         self.float32_residual = bool(float32_residual)
         if self.float32_residual:
             set_float32_residual(self)
-        gelu = backends.kernel("gelu_tanh")  # the same function in fewer passes (TensorFlow)
+        gelu = backends.kernel("gelu_tanh")  # the same functions in fewer passes (TensorFlow)
+        norm = backends.kernel("layer_norm")
         for layer in flatten_layers(self):
             if (isinstance(layer, keras.layers.Dense)
                     and getattr(layer.activation, "__name__", "") == "gelu_approximate"):
                 layer.activation = gelu or layer.activation
+            elif (norm and type(layer) is keras.layers.LayerNormalization and layer.center
+                  and layer.scale and not layer.rms_scaling):
+                set_layer_call(layer, _layer_norm_call)
 
     def get_config(self):
         return {**super().get_config(), "logits_dtype": self.logits_dtype,
                 "float32_residual": self.float32_residual}
+
+
+def _layer_norm_call(layer, inputs):
+    """A keras LayerNormalization's call through `kmp.backends.kernel("layer_norm")` where it
+    normalizes the last axis, its class's call otherwise."""
+    if layer.axis not in ([-1], [len(inputs.shape) - 1]):
+        return type(layer).call(layer, inputs)
+    out = backends.kernel("layer_norm")(inputs, layer.gamma, layer.beta, layer.epsilon)
+    return ops.cast(out, layer.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package="kmp")

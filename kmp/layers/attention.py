@@ -6,6 +6,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kmp import backends
 from kmp._keras import (
     mha_causal_mask,
     mha_dropout,
@@ -15,6 +16,9 @@ from kmp._keras import (
 )
 from kmp.errors import UserError
 from kmp.layers.islands import Softmax
+
+# MultiHeadAttention's einsums for (batch, length, heads, width) projections (Keras 3.15.1).
+_HEADS_EQUATIONS = ("aecd,abcd->acbe", "acbe,aecd->abcd")
 
 
 @keras.saving.register_keras_serializable(package="kmp")
@@ -109,17 +113,25 @@ def float32_attention(layer, query, key, value, attention_mask=None, training=No
     MultiHeadAttention, replacing Keras's path, which with dropout 0 calls the fused
     `ops.dot_product_attention` (where the scores are rounded to the compute dtype on the
     TensorFlow backend) and otherwise computes the softmax in the compute dtype. Same
-    arguments and returns as Keras's method (Keras 3.15.1).
+    arguments and returns as Keras's method (Keras 3.15.1). Where the backend has its own
+    kernel of this island (`kmp.backends.kernel("attention_island")`, TensorFlow: the same
+    forward with a hand-written backward) and neither scores nor dropout are asked for, that
+    kernel computes it and the scores returned are None, as Keras's own path returns them.
     """
     if use_causal_mask:  # Keras's call leaves the causal mask to the fused kernel
         causal = mha_causal_mask(layer, query, value)
         attention_mask = causal if attention_mask is None else ops.logical_and(
             ops.cast(attention_mask, "bool"), causal)
     scores_equation, combine_equation = mha_equations(layer)
+    rate, dropout = mha_dropout(layer)
+    own = backends.kernel("attention_island")
+    if (own is not None and not return_attention_scores and (rate == 0 or not training)
+            and (scores_equation, combine_equation) == _HEADS_EQUATIONS
+            and (attention_mask is None or len(attention_mask.shape) == 3)):
+        return own(query, key, value, attention_mask, mha_score_scale(layer)), None
     scaled = ops.cast(query, "float32") * mha_score_scale(layer)
     scores = ops.einsum(scores_equation, ops.cast(key, "float32"), scaled)
     probs = mha_masked_softmax(layer, scores, attention_mask)
-    rate, dropout = mha_dropout(layer)
     dropped = dropout(probs, training=training) if rate > 0 else probs
     output = ops.einsum(combine_equation, ops.cast(dropped, value.dtype), value)
     return output, probs
