@@ -70,7 +70,6 @@ def overwrites_with_gradient(optimizer, variable) -> bool:
     return optimizer._overwrite_variable_with_gradient(variable)
 
 
-# --- keras.layers.MultiHeadAttention internals (Keras 3.15.1) used by the FP32 islands.
 def set_layer_call(layer, fn):
     """Makes this layer instance compute `fn(layer, *args, **kwargs)` in place of its class's
     `call` (the class's is `type(layer).call`)."""
@@ -78,6 +77,7 @@ def set_layer_call(layer, fn):
         layer.call = fn.__get__(layer, type(layer))
 
 
+# --- keras.layers.MultiHeadAttention internals (Keras 3.15.1) used by the FP32 islands.
 def mha_softmax(layer):
     """The softmax sublayer of a MultiHeadAttention (`_softmax`)."""
     return layer._softmax

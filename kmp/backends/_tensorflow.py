@@ -168,9 +168,6 @@ def next_token_crossentropy(labels, logits):
     return crossentropy(logits)
 
 
-_MASKED = -1e9  # as kmp.layers.Softmax: finite in float32, exp() of it is exactly 0
-
-
 def attention_island(query, key, value, mask, scale):
     """The float32 attention island of `kmp.layers.attention.float32_attention` for query,
     key and value of shape (batch, length, heads, width) in the compute dtype and a boolean
@@ -184,6 +181,8 @@ def attention_island(query, key, value, mask, scale):
     run as bfloat16/float16 matmuls like every other gradient of the step instead of float32
     ones (TensorFlow has no CPU matmul of half-precision inputs into float32).
     """
+    from kmp.layers.islands import _MASKED  # kmp.layers.Softmax's mask value
+
     compute = value.dtype
     q, k, v = (tf.transpose(t, [0, 2, 1, 3]) for t in (query, key, value))
     keep = None if mask is None else tf.cast(mask, tf.bool)[:, None]
