@@ -1,13 +1,18 @@
-"""The same matmuls in TensorFlow and in PyTorch, in one process: the `small` GPT's shapes.
+"""The same matmuls in TensorFlow and in PyTorch, in one process: a GPT preset's shapes.
 
-    python docs/matmul_speed.py
+    python docs/matmul_speed.py                       # small, one matmul per call
+    python docs/matmul_speed.py --preset tiny --chain 10
 
-For each (m x k) @ (k x n) of a `small` training step (the logits, their two gradients, the
-feed-forward and attention projections) and each dtype, prints the median time of 20 calls in
-TensorFlow (a `tf.function`, oneDNN) and in PyTorch (eager, oneDNN), each on the machine's
-default threads. docs/benchmarks.md has the results.
+For each (m x k) @ (k x n) of a training step of the preset (the logits, their two
+gradients, the feed-forward and attention projections) and each dtype, prints the median time
+of 20 calls in TensorFlow (a `tf.function`, oneDNN) and in PyTorch (eager), each on the
+machine's default threads. `--chain N` runs N matmuls per call, each waiting on the one before
+(in TensorFlow one graph; both libraries add one element-wise pass over the left operand to
+make the wait), and prints the time per matmul: the kernels' own speed, with little of the
+cost of a call. docs/benchmarks.md has the results.
 """
 
+import argparse
 import statistics
 import time
 
@@ -15,8 +20,12 @@ import numpy as np
 import tensorflow as tf
 import torch
 
-SHAPES = [(4096, 256, 8192), (4096, 8192, 256), (256, 4096, 8192), (4096, 256, 1024),
-          (4096, 1024, 256), (4096, 256, 256)]
+SHAPES = {  # (tokens, width, vocabulary or feed-forward width) of each preset's step
+    "small": [(4096, 256, 8192), (4096, 8192, 256), (256, 4096, 8192), (4096, 256, 1024),
+              (4096, 1024, 256), (4096, 256, 256)],
+    "tiny": [(2048, 128, 2048), (2048, 2048, 128), (128, 2048, 2048), (2048, 128, 512),
+             (2048, 512, 128), (2048, 128, 128)],
+}
 
 
 def median_ms(fn, calls=20):
@@ -30,18 +39,35 @@ def median_ms(fn, calls=20):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--chain", type=int, default=1, help="matmuls per call (default 1)")
+    args = parser.parse_args()
+    chain = args.chain
     rng = np.random.default_rng(0)
     print("| m x k x n | dtype | TensorFlow (ms) | PyTorch (ms) | TensorFlow / PyTorch time |")
     print("|---|---|---|---|---|")
-    for m, k, n in SHAPES:
+    for m, k, n in SHAPES[args.preset]:
         a, b = rng.normal(size=(m, k)), rng.normal(size=(k, n))
         for dtype in ("float32", "bfloat16"):
             ta, tb = tf.constant(a, dtype), tf.constant(b, dtype)
-            product = tf.function(lambda: tf.matmul(ta, tb))  # noqa: B023 (called right here)
             pa, pb = (torch.tensor(x, dtype=getattr(torch, dtype)) for x in (a, b))
-            tf_ms = median_ms(product)
-            torch_ms = median_ms(lambda: pa @ pb)  # noqa: B023
-            print(f"| {m} x {k} x {n} | {dtype} | {tf_ms:.1f} | {torch_ms:.1f} | "
+
+            @tf.function
+            def product():
+                out = tf.matmul(ta, tb)  # noqa: B023 (called right here)
+                for _ in range(chain - 1):  # the next product waits on this one's first entry
+                    out = tf.matmul(ta + out[0, 0] * 0, tb)  # noqa: B023
+                return out
+
+            def torch_product():
+                out = pa @ pb  # noqa: B023
+                for _ in range(chain - 1):  # the same extra element-wise pass as TensorFlow's
+                    out = (pa + out[0, 0] * 0) @ pb  # noqa: B023
+
+            tf_ms = median_ms(product) / chain
+            torch_ms = median_ms(torch_product) / chain
+            print(f"| {m} x {k} x {n} | {dtype} | {tf_ms:.2f} | {torch_ms:.2f} | "
                   f"{tf_ms / torch_ms:.2f}x |", flush=True)
 
 
