@@ -20,12 +20,17 @@ import numpy as np
 import tensorflow as tf
 import torch
 
-SHAPES = {  # (tokens, width, vocabulary or feed-forward width) of each preset's step
-    "small": [(4096, 256, 8192), (4096, 8192, 256), (256, 4096, 8192), (4096, 256, 1024),
-              (4096, 1024, 256), (4096, 256, 256)],
-    "tiny": [(2048, 128, 2048), (2048, 2048, 128), (128, 2048, 2048), (2048, 128, 512),
-             (2048, 512, 128), (2048, 128, 128)],
-}
+from kmp.gpt.config import PRESETS, preset
+
+
+def shapes(name):
+    """The (m, k, n) of the preset's step: the logits, their input and embedding gradients,
+    the feed-forward in and out, and the attention projections."""
+    c = preset(name)
+    tokens, width = c.batch_size * c.seq_len, c.hidden_dim
+    vocab, inner = c.vocab_size, c.intermediate_dim
+    return [(tokens, width, vocab), (tokens, vocab, width), (width, tokens, vocab),
+            (tokens, width, inner), (tokens, inner, width), (tokens, width, width)]
 
 
 def median_ms(fn, calls=20):
@@ -40,14 +45,13 @@ def median_ms(fn, calls=20):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--chain", type=int, default=1, help="matmuls per call (default 1)")
     args = parser.parse_args()
-    chain = args.chain
     rng = np.random.default_rng(0)
     print("| m x k x n | dtype | TensorFlow (ms) | PyTorch (ms) | TensorFlow / PyTorch time |")
     print("|---|---|---|---|---|")
-    for m, k, n in SHAPES[args.preset]:
+    for m, k, n in shapes(args.preset):
         a, b = rng.normal(size=(m, k)), rng.normal(size=(k, n))
         for dtype in ("float32", "bfloat16"):
             ta, tb = tf.constant(a, dtype), tf.constant(b, dtype)
@@ -56,17 +60,17 @@ def main():
             @tf.function
             def product():
                 out = tf.matmul(ta, tb)  # noqa: B023 (called right here)
-                for _ in range(chain - 1):  # the next product waits on this one's first entry
+                for _ in range(args.chain - 1):  # the next product waits on this one's first entry
                     out = tf.matmul(ta + out[0, 0] * 0, tb)  # noqa: B023
                 return out
 
             def torch_product():
                 out = pa @ pb  # noqa: B023
-                for _ in range(chain - 1):  # the same extra element-wise pass as TensorFlow's
+                for _ in range(args.chain - 1):  # the same extra element-wise pass as TensorFlow's
                     out = (pa + out[0, 0] * 0) @ pb  # noqa: B023
 
-            tf_ms = median_ms(product) / chain
-            torch_ms = median_ms(torch_product) / chain
+            tf_ms = median_ms(product) / args.chain
+            torch_ms = median_ms(torch_product) / args.chain
             print(f"| {m} x {k} x {n} | {dtype} | {tf_ms:.2f} | {torch_ms:.2f} | "
                   f"{tf_ms / torch_ms:.2f}x |", flush=True)
 
