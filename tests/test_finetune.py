@@ -48,6 +48,24 @@ def test_qat_fine_tunes_quantizes_and_prices_against_ptq_and_a_control(micro_run
     assert "is not a finished kmp pretrain run" in err[1]
 
 
+def test_the_qat_summary_says_so_when_int4_left_no_gap():
+    # An under-trained model can lose nothing (or gain) from int4 rounding: a share of a gap
+    # that is not there is NaN in finetune.json, and the table says it in words.
+    from kmp.gpt.finetune import recovered, table
+
+    r = {"steps": 30, "source_val_loss": 6.2202, "ptq_val_loss": 6.2196, "qat_val_loss": 6.1886,
+         "qat_float_val_loss": 6.1916, "control_float_val_loss": 6.1911,
+         "control_int4_val_loss": 6.1893}
+    r.update(recovered(r))
+    assert math.isnan(r["recovered_vs_source"]) and math.isnan(r["recovered_vs_control"])
+    text = table(r)
+    assert "nan" not in text and "no gap for QAT to close" in text
+    r.update(ptq_val_loss=6.30, control_int4_val_loss=6.25)
+    r.update(recovered(r))
+    assert "QAT closes 140% of int4 PTQ's gap" in table(r)  # 0.1114 / 0.0798
+    assert "; 104% of the gap the control still has" in table(r)
+
+
 def test_the_qat_file_generates_from_text(micro_run, tmp_path):
     import keras
 

@@ -196,11 +196,15 @@ def table(result: dict) -> str:
     lines = ["| model | val loss | perplexity |", "|---|---|---|"]
     lines += [f"| {name} | {loss:.4f} | {math.exp(loss):.2f} |" for name, loss in rows]
     lines.append("")
-    text = (f"QAT closes {result['recovered_vs_source']:.0%} of int4 PTQ's gap to the source "
-            "(fine-tuning alone also lowers the loss)")
+    share = result["recovered_vs_source"]
+    text = (f"QAT closes {share:.0%} of int4 PTQ's gap to the source (fine-tuning alone also "
+            "lowers the loss)" if not math.isnan(share) else
+            "int4 PTQ did not raise the source's loss here: no gap for QAT to close")
     if "recovered_vs_control" in result:
-        text += (f"; {result['recovered_vs_control']:.0%} of the gap the control still has "
-                 "after int4 (what QAT itself wins)")
+        share = result["recovered_vs_control"]
+        text += (f"; {share:.0%} of the gap the control still has after int4 (what QAT itself "
+                 "wins)" if not math.isnan(share) else
+                 "; int4 PTQ did not raise the control's loss either")
     lines.append(text + ".")
     return "\n".join(lines) + "\n"
 
