@@ -1,5 +1,5 @@
 """Helpers for tests: gradients on any Keras backend (through kmp's backend seam), the
-arrays of a checkpoint file, and a directory's contents."""
+arrays of a checkpoint file, a directory's contents, and the XLA flag per backend."""
 
 import hashlib
 
@@ -21,6 +21,12 @@ class _Holder(keras.layers.Layer):
         self.x = self.add_weight(x.shape, keras.initializers.Constant(x), dtype=str(x.dtype),
                                  name="x")
         self.held = list(layers)
+
+
+def xla_flag(backend=None):
+    """The `kmp pretrain` XLA flag tests train with on `backend` (default: this suite's): on
+    under JAX (op by op, JAX is slow), off elsewhere (torch.compile takes minutes on 2 cores)."""
+    return "--jit" if (backend or keras.backend.backend()) == "jax" else "--no-jit"
 
 
 def value_and_grads(fn, x, layers=()):

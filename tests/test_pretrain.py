@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
+from _helpers import xla_flag
 
 from kmp import checkpoint
 from kmp._keras import flatten_layers
@@ -161,11 +161,9 @@ def test_resume_refuses_another_grad_accum_or_too_few_steps(tmp_path):
 @pytest.mark.backends
 def test_gradient_accumulation_checkpoints_and_resumes_on_every_backend(tmp_path, monkeypatch):
     # Keras derives `iterations` under accumulation (a floor_divide: a jax.Array on JAX, no
-    # .numpy()); the checkpoint, the metrics and the resume position must all read it. XLA on
-    # JAX only: op by op JAX is slow, and torch.compile takes minutes on a 2-core CPU.
-    jit = "--jit" if keras.backend.backend() == "jax" else "--no-jit"
+    # .numpy()); the checkpoint, the metrics and the resume position must all read it.
     args = ("--steps", "4", "--val-every", "2", "--grad-accum", "2", "--precision",
-            "mixed_float16", jit)
+            "mixed_float16", xla_flag())
     ref, ref_metrics = run(tmp_path, *args, name="ref")
     assert ref_metrics["steps"] == 4
     record = checkpoint.latest(ref / "checkpoints")
@@ -217,9 +215,8 @@ def test_mirrored_strategy_trains_on_two_replicas(tmp_path, backend):
     # (test_scaling.py has its own); on JAX, keras.distribution.DataParallel over 2 CPU devices.
     out = tmp_path / "run"
     argv = [*SMALL, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--samples", "0",
-            "--steps", "2", "--strategy", "mirrored", "--no-jit", "--precision", "mixed_float16"]
-    if backend == "jax":  # without XLA, JAX runs op by op: slow
-        argv[argv.index("--no-jit")] = "--jit"
+            "--steps", "2", "--strategy", "mirrored", xla_flag(backend), "--precision",
+            "mixed_float16"]
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, *argv], capture_output=True,

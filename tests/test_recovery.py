@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from _helpers import h5_arrays
+from _helpers import h5_arrays, xla_flag
 
 from kmp import checkpoint
 from kmp.errors import TrainingStopped
@@ -24,15 +24,13 @@ DATA = Path(__file__).parent / "data"
 RUN = ["--corpus", str(DATA / "corpus.txt"), "--vocab-size", "512", "--seq-len", "32",
        "--batch-size", "8", "--warmup-steps", "2", "--val-batches", "2", "--seed", "3",
        "--num-layers", "2", "--num-heads", "2", "--hidden-dim", "32", "--intermediate-dim", "64",
-       "--steps", "60", "--val-every", "20", "--samples", "0", "--no-jit", "--max-skips", "5",
+       "--steps", "60", "--val-every", "20", "--samples", "0", "--max-skips", "5",
        "--spike-window", "10", "--recover-stretch", "20"]
 
 
 def _argv(tmp_path, out, *extra):
-    run = list(RUN)
-    if keras.backend.backend() == "jax":  # without XLA, JAX runs op by op: slow
-        run[run.index("--no-jit")] = "--jit"
-    return [*run, "--cache-dir", str(tmp_path.parent / "cache"), "--out", str(out), *extra]
+    return [*RUN, xla_flag(), "--cache-dir", str(tmp_path.parent / "cache"), "--out", str(out),
+            *extra]
 
 
 def _pretrain(tmp_path, name, *extra):

@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from _helpers import h5_arrays
+from _helpers import h5_arrays, xla_flag
 
 import kmp
 from kmp import backends
@@ -203,8 +203,7 @@ RUN = ["--corpus", str(DATA / "corpus.txt"), "--vocab-size", "512", "--seq-len",
 
 def _pretrain(tmp_path, out, mode="none", at=0, *extra, backend="tensorflow"):
     argv = [*RUN, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra]
-    if backend == "jax":  # without XLA, JAX runs op by op: slow
-        argv[argv.index("--no-jit")] = "--jit"
+    argv[argv.index("--no-jit")] = xla_flag(backend)
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run([sys.executable, "-c", KILL_DRIVER, mode, str(at), *argv],
                           capture_output=True, text=True, timeout=600, env=env)

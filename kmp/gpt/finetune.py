@@ -196,15 +196,17 @@ def table(result: dict) -> str:
     lines = ["| model | val loss | perplexity |", "|---|---|---|"]
     lines += [f"| {name} | {loss:.4f} | {math.exp(loss):.2f} |" for name, loss in rows]
     lines.append("")
-    share = result["recovered_vs_source"]
-    text = (f"QAT closes {share:.0%} of int4 PTQ's gap to the source (fine-tuning alone also "
-            "lowers the loss)" if not math.isnan(share) else
-            "int4 PTQ did not raise the source's loss here: no gap for QAT to close")
-    if "recovered_vs_control" in result:
-        share = result["recovered_vs_control"]
-        text += (f"; {share:.0%} of the gap the control still has after int4 (what QAT itself "
-                 "wins)" if not math.isnan(share) else
-                 "; int4 PTQ did not raise the control's loss either")
+    share = result["recovered_vs_source"]  # NaN where int4 PTQ did not raise the loss
+    if math.isnan(share):
+        text = "int4 PTQ did not raise the source's loss here: no gap for QAT to close"
+    else:
+        text = (f"QAT closes {share:.0%} of int4 PTQ's gap to the source (fine-tuning alone "
+                "also lowers the loss)")
+    share = result.get("recovered_vs_control")
+    if share is not None and math.isnan(share):
+        text += "; int4 PTQ did not raise the control's loss either"
+    elif share is not None:
+        text += f"; {share:.0%} of the gap the control still has after int4 (what QAT itself wins)"
     lines.append(text + ".")
     return "\n".join(lines) + "\n"
 
