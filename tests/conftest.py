@@ -5,14 +5,19 @@ torch (only the tests marked `backends`: the backend-neutral part). Tests marked
 use tf.distribute or other TensorFlow-only API and run only under TensorFlow.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # kmp's measured decisions (attention kernel, kmp tune) are cached per run of the suite, not in
 # the user's ~/.cache/kmp: a cached tune there would change what set_policy("auto") returns.
-os.environ.setdefault("KMP_CACHE_DIR", tempfile.mkdtemp(prefix="kmp-test-decisions-"))
+# Made once, by the first process (pytest-xdist's workers inherit it), which removes it at exit.
+if "KMP_CACHE_DIR" not in os.environ:
+    os.environ["KMP_CACHE_DIR"] = tempfile.mkdtemp(prefix="kmp-test-decisions-")
+    atexit.register(shutil.rmtree, os.environ["KMP_CACHE_DIR"], ignore_errors=True)
 BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 if BACKEND == "jax":  # two CPU devices for keras.distribution tests
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -91,11 +96,16 @@ def fake_hardware(monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under jax/torch keep only the backend-neutral tests (marked `backends`, and the
-    docstring examples); skip slow tests unless asked."""
+    """Under jax/torch keep only the backend-neutral tests (marked `backends`, or
+    `backends("jax")` for a test whose path differs only there, and the docstring examples);
+    skip slow tests unless asked."""
     if BACKEND != "tensorflow":
-        keep = [i for i in items if isinstance(i, pytest.DoctestItem)
-                or ("backends" in i.keywords and "tensorflow" not in i.keywords)]
+        def runs_here(item):  # @backends, or @backends("jax"): also (only) under those
+            mark = item.get_closest_marker("backends")
+            return (mark is not None and "tensorflow" not in item.keywords
+                    and (not mark.args or BACKEND in mark.args))
+
+        keep = [i for i in items if isinstance(i, pytest.DoctestItem) or runs_here(i)]
         dropped = [i for i in items if i not in keep]
         if dropped:
             config.hook.pytest_deselected(items=dropped)

@@ -59,6 +59,7 @@ def test_sharding_divides_the_state_per_device():
         assert abs(sharded.optimizer * split / whole.optimizer - 1) < 0.02, shard
 
 
+@pytest.mark.backends("jax")  # under torch, the same child process as under TensorFlow
 def test_plan_checks_its_choice_by_compiling_for_the_gpu(capsys):
     assert main(["plan", "--preset", "small", "--device", "l4-24gb", "--global-batch",
                  "32"]) == 0

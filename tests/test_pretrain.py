@@ -29,10 +29,14 @@ SMALL = [*BASE, "--num-layers", "2", "--num-heads", "2", "--hidden-dim", "32",
          "--intermediate-dim", "64"]
 
 
-def run(tmp_path, *args, name="run", base=SMALL):
+def run(tmp_path, *args, name="run", base=SMALL, xla=None):
+    """Trains with `args`; XLA as `xla_flag()` unless `args` name it, or `xla="default"` (the
+    recipe's own choice for the policy)."""
     out = tmp_path / name
     argv = [*base, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--samples", "0",
             *args]
+    if xla != "default" and not {"--jit", "--no-jit"} & set(args):
+        argv.append(xla_flag())
     assert pretrain_gpt.main(argv) == 0
     return out, json.loads((out / "metrics.json").read_text())
 
@@ -92,7 +96,8 @@ def test_fixed_seed_run_matches_the_golden_losses(tmp_path):
     """Catches numeric drift: per-step training losses of a fixed-seed run, float32 and bf16."""
     golden = json.loads(GOLDEN.read_text())
     for policy, expected in golden["losses"].items():
-        out, _ = run(tmp_path, *golden["args"], "--precision", policy, name=policy)
+        out, _ = run(tmp_path, *golden["args"], "--precision", policy, name=policy,
+                     xla="default")
         got = train_losses(out)
         assert len(got) == len(expected)
         tol = golden["tolerance"][policy]
@@ -112,7 +117,7 @@ def stop_after_first_checkpoint(monkeypatch):
 
 
 def test_resume_continues_the_same_run(tmp_path, monkeypatch):
-    args = ("--steps", "8", "--val-every", "4", "--precision", "mixed_float16", "--no-jit")
+    args = ("--steps", "8", "--val-every", "4", "--precision", "mixed_float16")
     ref, ref_metrics = run(tmp_path, *args, name="ref")
 
     undo = stop_after_first_checkpoint(monkeypatch)
@@ -132,7 +137,7 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
 def test_resume_with_another_val_every_continues_from_the_data_position(tmp_path, monkeypatch):
     # The checkpoint stores where the run stands (batches read, optimizer step); resuming with
     # another validation interval must not recompute it from the new interval.
-    args = ("--steps", "8", "--precision", "float32", "--no-jit")
+    args = ("--steps", "8", "--precision", "float32")
     ref, _ = run(tmp_path, *args, "--val-every", "4", name="ref")
     undo = stop_after_first_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
@@ -163,7 +168,7 @@ def test_gradient_accumulation_checkpoints_and_resumes_on_every_backend(tmp_path
     # Keras derives `iterations` under accumulation (a floor_divide: a jax.Array on JAX, no
     # .numpy()); the checkpoint, the metrics and the resume position must all read it.
     args = ("--steps", "4", "--val-every", "2", "--grad-accum", "2", "--precision",
-            "mixed_float16", xla_flag())
+            "mixed_float16")
     ref, ref_metrics = run(tmp_path, *args, name="ref")
     assert ref_metrics["steps"] == 4
     record = checkpoint.latest(ref / "checkpoints")

@@ -14,6 +14,7 @@ _EXPORTS = {
     "build_model": "kmp.gpt.model",
     "build_token_cache": "kmp.gpt.data",
     "compiled_plan": "kmp.gpt.compiled",
+    "compiled_plans": "kmp.gpt.compiled",
     "estimate_memory": "kmp.gpt.memory",
     "export_run": "kmp.gpt.export",
     "finetune_preset": "kmp.gpt.finetune_hub",

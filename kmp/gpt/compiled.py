@@ -214,7 +214,7 @@ def compiled_plan(config, policy: str, target: str = "h100", devices: int = 1, m
                   ) -> CompiledPlan:
     """XLA's memory plan of the recipe's train step for a GPU: `compile_step` in this process
     when it can (the JAX backend, the same matmul flag), else in a child process with the JAX
-    backend.
+    backend. For several plans, `compiled_plans` starts one child for all of them.
 
     Args:
         config: GPTConfig. The model, the global batch (`batch_size`, split over the
@@ -241,6 +241,33 @@ def compiled_plan(config, policy: str, target: str = "h100", devices: int = 1, m
     Raises:
         UserError: for an unknown target or gemm, or when the child could not compile.
     """
+    return compiled_plans([(config, policy)], target, devices, mesh, shard, gemm, memory)[0]
+
+
+def compiled_plans(settings, target: str = "h100", devices: int = 1, mesh: str = "",
+                   shard: str = "", gemm: str = "triton", memory: int | None = None
+                   ) -> list[CompiledPlan]:
+    """`compiled_plan` of each (config, policy) in `settings`, in order, compiled in one
+    child process where one is needed (starting one costs about as much as a small
+    compilation).
+
+    Args:
+        settings: list of (GPTConfig, str) pairs: a model and batch, and its policy.
+        target, devices, mesh, shard, gemm, memory: as in `compiled_plan`, for every setting.
+
+    Returns:
+        list of `CompiledPlan`, one per setting.
+
+    Example:
+    >>> from kmp.gpt.config import preset
+    >>> config = preset("tiny", num_layers=1)
+    >>> settings = [(config, "float32"), (config, "mixed_bfloat16")]
+    >>> [plan.policy for plan in compiled_plans(settings, "h100")]  # doctest: +SKIP
+    ['float32', 'mixed_bfloat16']
+
+    Raises:
+        UserError: for an unknown target or gemm, or when the child could not compile.
+    """
     if target != "cpu":
         from kmp.gpt.gpus import gpu
 
@@ -253,7 +280,8 @@ def compiled_plan(config, policy: str, target: str = "h100", devices: int = 1, m
     here = keras.backend.backend() == "jax" and (flag in os.environ.get("XLA_FLAGS", "")) == (
         gemm == "cublas")
     if here and (target != "cpu" or devices == 1):
-        return compile_step(config, policy, target, devices, mesh, shard, gemm, memory)
+        return [compile_step(config, policy, target, devices, mesh, shard, gemm, memory)
+                for config, policy in settings]
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     flags = [f for f in env.get("XLA_FLAGS", "").split() if f != flag
              and not f.startswith("--xla_force_host_platform_device_count")]
@@ -262,17 +290,17 @@ def compiled_plan(config, policy: str, target: str = "h100", devices: int = 1, m
     if target == "cpu":
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     env["XLA_FLAGS"] = " ".join(flags)
-    request = json.dumps({"config": json.loads(config.to_json()), "policy": policy,
-                          "target": target, "devices": devices, "mesh": mesh, "shard": shard,
-                          "gemm": gemm, "memory": memory})
+    request = json.dumps([{"config": json.loads(config.to_json()), "policy": policy,
+                           "target": target, "devices": devices, "mesh": mesh, "shard": shard,
+                           "gemm": gemm, "memory": memory} for config, policy in settings])
     child = subprocess.run([sys.executable, "-m", "kmp.gpt.compiled", request], env=env,
                            capture_output=True, text=True)
     if child.returncode == 2:  # the child's one-line user error
         raise UserError(child.stderr.strip().splitlines()[-1])
     if child.returncode:
         raise RuntimeError(f"compiling the step in a JAX child process failed:\n{child.stderr}")
-    return CompiledPlan(**{k: v for k, v in json.loads(child.stdout.splitlines()[-1]).items()
-                           if k != "total"})
+    return [CompiledPlan(**{k: v for k, v in plan.items() if k != "total"})
+            for plan in json.loads(child.stdout.splitlines()[-1])]
 
 
 def compiled_table(rows: list[dict]) -> str:
@@ -316,8 +344,8 @@ def compare(config, policies, target: str = "h100", gpus: int = 1,
         target: str. A GPU of `kmp.gpt.gpus`, or "cpu". Defaults to "h100".
         gpus: int. Data-parallel devices (or the mesh's). Defaults to 1.
         gemms: tuple of str. The matmul kernels to plan with. Defaults to both.
-        progress: callable or None. Called with a line before each compilation. Defaults to
-            None.
+        progress: callable or None. Called with a line before each matmul kernel's
+            compilations (one child process for all policies). Defaults to None.
 
     Returns:
         One dict per policy: policy, remat, estimate (parts), compiled (gemm -> plan),
@@ -335,33 +363,35 @@ def compare(config, policies, target: str = "h100", gpus: int = 1,
     """
     from kmp.gpt.memory import estimate_memory
 
+    plans = {policy: {} for policy in policies}
+    for gemm in gemms if target != "cpu" else ("cpu",):  # one child process per matmul flag
+        if progress:
+            progress(f"compiling the {', '.join(policies)} step for {target} ({gemm} matmuls)")
+        compiled = compiled_plans([(config, policy) for policy in policies], target, gpus,
+                                  config.mesh, config.shard, "triton" if gemm == "cpu" else gemm)
+        for policy, plan in zip(policies, compiled):
+            plans[policy][gemm] = plan.to_json()
     rows = []
     for policy in policies:
         est = estimate_memory(config, policy, gpus).to_json()
-        plans = {}
-        for gemm in gemms if target != "cpu" else ("cpu",):
-            if progress:
-                progress(f"compiling the {policy} step for {target} ({gemm} matmuls)")
-            plans[gemm] = compiled_plan(config, policy, target, gpus, config.mesh, config.shard,
-                                        "triton" if gemm == "cpu" else gemm).to_json()
-        first = next(iter(plans.values()))
         rows.append({"policy": policy, "remat": config.remat, "estimate": est,
-                     "compiled": plans, "estimate_total_bytes": est["total"],
-                     "compiled_total_bytes": first["total"]})
+                     "compiled": plans[policy], "estimate_total_bytes": est["total"],
+                     "compiled_total_bytes": next(iter(plans[policy].values()))["total"]})
     return rows
 
 
 def _child(request: str) -> int:
     from kmp.gpt.config import from_json
 
-    args = json.loads(request)
-    config = from_json(args.pop("config"))
-    try:
-        result = compile_step(config, **args)
-    except UserError as error:
-        print(str(error), file=sys.stderr)
-        return 2
-    print(json.dumps(result.to_json()))
+    plans = []
+    for args in json.loads(request):
+        config = from_json(args.pop("config"))
+        try:
+            plans.append(compile_step(config, **args).to_json())
+        except UserError as error:
+            print(str(error), file=sys.stderr)
+            return 2
+    print(json.dumps(plans))
     return 0
 
 
