@@ -29,14 +29,12 @@ SMALL = [*BASE, "--num-layers", "2", "--num-heads", "2", "--hidden-dim", "32",
          "--intermediate-dim", "64"]
 
 
-def run(tmp_path, *args, name="run", base=SMALL, xla=None):
-    """Trains with `args`; XLA as `xla_flag()` unless `args` name it, or `xla="default"` (the
-    recipe's own choice for the policy)."""
+def run(tmp_path, *args, name="run", base=SMALL, recipe_xla=False):
+    """Trains with `args` and `xla_flag()`, or with the recipe's own XLA choice for the
+    policy (`recipe_xla`)."""
     out = tmp_path / name
     argv = [*base, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--samples", "0",
-            *args]
-    if xla != "default" and not {"--jit", "--no-jit"} & set(args):
-        argv.append(xla_flag())
+            *args, *([] if recipe_xla else [xla_flag()])]
     assert pretrain_gpt.main(argv) == 0
     return out, json.loads((out / "metrics.json").read_text())
 
@@ -97,7 +95,7 @@ def test_fixed_seed_run_matches_the_golden_losses(tmp_path):
     golden = json.loads(GOLDEN.read_text())
     for policy, expected in golden["losses"].items():
         out, _ = run(tmp_path, *golden["args"], "--precision", policy, name=policy,
-                     xla="default")
+                     recipe_xla=True)
         got = train_losses(out)
         assert len(got) == len(expected)
         tol = golden["tolerance"][policy]
