@@ -4,6 +4,7 @@
     python docs/kernel_ab.py small mixed_bfloat16 kernel:layer_norm   # one of them on / off
     python docs/kernel_ab.py small mixed_bfloat16 xla-update   # AdamW's update under XLA
     python docs/kernel_ab.py tiny float32 fusible              # XLA clusters of element-wise ops
+    python docs/kernel_ab.py tiny float32 lr-once              # kmp's AdamW against Keras's
 
 Builds the recipe's GPT twice from the same seed (A: without the change, B: with it), traces
 each model's step under its own setting, then trains both on the same batches in alternating
@@ -30,7 +31,7 @@ from kmp import backends  # noqa: E402
 from kmp.gpt import build_model, build_token_cache, lm_loss, make_optimizer, preset  # noqa: E402
 from kmp.gpt.data import window_batch  # noqa: E402
 
-CHANGES = ("kernels", "kernel:NAME", "xla-update", "fusible")
+CHANGES = ("kernels", "kernel:NAME", "xla-update", "fusible", "lr-once")
 
 
 def update_under_xla(optimizer):
@@ -73,6 +74,8 @@ def main():
         optimizer = make_optimizer(config, model)
         if with_change and change == "xla-update":
             update_under_xla(optimizer)
+        if not with_change and change == "lr-once":  # A: Keras's AdamW, the schedule per variable
+            optimizer.__class__ = keras.optimizers.AdamW
         tf.config.optimizer.set_jit("autoclustering" if with_change and change == "fusible"
                                     else False)
         kmp.compile(model, optimizer, loss=lm_loss(), weighted_metrics=[], jit_compile=False)

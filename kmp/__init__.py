@@ -12,6 +12,7 @@ until one is needed (and `kmp --backend` can still choose Keras's backend).
 import importlib
 import importlib.util
 import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -32,8 +33,29 @@ def _jax_on_cpu_without_driver():
         os.environ[_JAX_CPU_BY_KMP] = "cpu"  # not the user's choice (kmp.distributed reads it)
 
 
+def _jax_compile_cache():
+    """Under JAX, keep XLA's compiled programs between runs: JAX's persistent compilation cache
+    in `$KMP_CACHE_DIR/jax` (else `~/.cache/kmp/jax`), at most 1 GiB (least recently used
+    first out), so a second run of the same model and settings skips the compiler. Left alone
+    when JAX_COMPILATION_CACHE_DIR is set (JAX_ENABLE_COMPILATION_CACHE=false turns it off),
+    and without `filelock` (kmp[jax]), whose lock lets a run's processes share the folder."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ or importlib.util.find_spec("filelock") is None:
+        return
+    path = os.path.join(os.path.expanduser(os.environ.get("KMP_CACHE_DIR") or "~/.cache/kmp"),
+                        "jax")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
+    if "jax" in sys.modules:  # imported before kmp: env is read at import, so set it directly
+        config = sys.modules["jax"].config
+        if config.jax_compilation_cache_dir is None:
+            config.update("jax_compilation_cache_dir", path)
+            config.update("jax_compilation_cache_max_size",
+                          int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
 _JAX_CPU_BY_KMP = "KMP_JAX_PLATFORMS_SET"
 _jax_on_cpu_without_driver()
+_jax_compile_cache()
 
 # public name -> the module that defines it ("" when the name is the module itself)
 _EXPORTS = {

@@ -105,6 +105,29 @@ def test_kmp_does_not_import_tensorflow_on_other_backends(backend):
     assert out.stdout.split()[-2:] == ["False", backend]
 
 
+JAX_PROGRAM = """
+import kmp, jax, jax.numpy as jnp
+print(float(jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.arange(64.0).reshape(8, 8)).sum()))
+"""
+
+
+def test_jax_programs_compile_once_across_processes(tmp_path):
+    pytest.importorskip("jax")
+    env = {**os.environ, "KMP_CACHE_DIR": str(tmp_path), "JAX_LOG_COMPILES": "1"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own, set by its `import kmp`
+
+    def child(**extra):
+        out = subprocess.run([sys.executable, "-c", JAX_PROGRAM], capture_output=True,
+                             text=True, timeout=300, env={**env, **extra})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.strip(), "compilation cache hit for 'jit__lambda'" in out.stderr
+
+    first, hit = child()
+    assert not hit and list((tmp_path / "jax").glob("jit_*-cache"))  # compiled and kept
+    assert child() == (first, True)  # the next process loads it: the same result
+    assert child(JAX_ENABLE_COMPILATION_CACHE="false") == (first, False)  # the user's off switch
+
+
 PLAN_WITHOUT_A_BACKEND = """
 import sys
 from kmp.cli import main

@@ -267,3 +267,42 @@ def test_unknown_remat_is_one_line():
     with pytest.raises(kmp.UserError, match=r"^Unknown remat 'layers'\. Use one of: none, "
                                             r"blocks, full\.$"):
         preset("tiny", remat="layers")
+
+
+class _Counted(keras.optimizers.schedules.LearningRateSchedule):
+    """A warm-up schedule that counts its evaluations."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, step):
+        self.calls += 1
+        return 1e-2 * keras.ops.minimum(1.0, (keras.ops.cast(step, "float32") + 1.0) / 4.0)
+
+
+@pytest.mark.backends("jax")  # torch: Keras's own AdamW (make_optimizer), a foreach update
+@pytest.mark.parametrize("accumulation", [None, 2])
+def test_adamw_evaluates_the_schedule_once_per_step_and_updates_as_keras_does(accumulation):
+    from kmp.gpt.model import AdamW
+
+    rng = np.random.default_rng(7)
+    shapes = [(5, 3), (3,), (3, 4), (4,)]
+    start = [rng.normal(size=s).astype("float32") for s in shapes]
+    steps = [[rng.normal(size=s).astype("float32") for s in shapes] for _ in range(4)]
+    results = {}
+    for cls in (keras.optimizers.AdamW, AdamW):
+        variables = [keras.Variable(v) for v in start]
+        schedule = _Counted()
+        opt = cls(schedule, weight_decay=0.1, global_clipnorm=1.0,
+                  gradient_accumulation_steps=accumulation)
+        opt.build(variables)
+        calls = []
+        for grads in steps:  # eager: each apply evaluates what it needs
+            before = schedule.calls
+            opt.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+            calls.append(schedule.calls - before)
+        results[cls] = [keras.ops.convert_to_numpy(v) for v in variables], calls
+    (theirs, their_calls), (ours, our_calls) = results.values()
+    for a, b in zip(theirs, ours):
+        np.testing.assert_array_equal(a, b)  # the same update, bit for bit
+    assert our_calls == [1] * 4 and max(their_calls) > 1  # 1 + each decayed variable in Keras's

@@ -31,6 +31,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 from kmp.errors import UserError
 
@@ -187,7 +188,11 @@ def _compile(config, policy, target, devices, mesh, shard, gemm, memory, started
     layout = distribution.get_data_layout((rows, config.seq_len)).backend_layout
     tokens = jax.ShapeDtypeStruct((rows, config.seq_len), "int32", sharding=layout)
     batch = ({"token_ids": tokens, "padding_mask": tokens}, tokens)
-    with distribution.scope():  # the layers' activation layouts, as in a sharded fit
+    with distribution.scope(), warnings.catch_warnings():  # as in a sharded fit
+        # JAX's persistent cache (kmp/__init__.py) keeps a step compiled for a GPU this machine
+        # lacks but cannot load it back (jax 0.10.2: "PjRtCompiler must be constructed with a
+        # Client"), and compiles again: what a plan needs, without the warning.
+        warnings.filterwarnings("ignore", "Error reading persistent compilation cache entry")
         compiled = jax.jit(model.train_step, donate_argnums=0).lower(state, batch).compile()
     stats = compiled.memory_analysis()
     return CompiledPlan(
@@ -283,6 +288,8 @@ def compiled_plans(settings, target: str = "h100", devices: int = 1, mesh: str =
         return [compile_step(config, policy, target, devices, mesh, shard, gemm, memory)
                 for config, policy in settings]
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    if target != "cpu":  # a step for a GPU it lacks: JAX's cache could not load it back
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     flags = [f for f in env.get("XLA_FLAGS", "").split() if f != flag
              and not f.startswith("--xla_force_host_platform_device_count")]
     if gemm == "cublas":

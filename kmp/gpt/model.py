@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 
 import keras
@@ -276,6 +277,36 @@ def _no_decay_variables(model) -> list:
     return list(chosen.values())
 
 
+_STEP_LR = threading.local()  # per thread: tf.distribute traces each replica in its own
+
+
+@keras.saving.register_keras_serializable(package="kmp")
+class AdamW(keras.optimizers.AdamW):
+    """Keras's AdamW, with the learning-rate schedule evaluated once per step.
+
+    Keras 3.15's weight decay reads `learning_rate` once per decayed variable, so a schedule
+    runs 1 + (decayed variables) times a step: 19 times for a 2-layer GPT, 109 for GPT-2 124M,
+    each a conditional (`If`) op on TensorFlow, or a few eager ops on torch. Here it runs once,
+    before the update, and every read in the update gets that value: the same value, since
+    the counter the schedule reads moves only after the update. Same arguments, variables
+    and checkpoints as `keras.optimizers.AdamW`. On torch `make_optimizer` keeps Keras's own:
+    Keras replaces that class (not a subclass) by a multi-tensor version that reads the
+    schedule once already.
+    """
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        lrs = _STEP_LR.__dict__.setdefault("lrs", {})
+        lrs[id(self)] = super()._get_current_learning_rate()
+        try:
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        finally:
+            lrs.pop(id(self), None)
+
+    def _get_current_learning_rate(self):
+        lr = getattr(_STEP_LR, "lrs", {}).get(id(self))
+        return super()._get_current_learning_rate() if lr is None else lr
+
+
 def make_optimizer(config: GPTConfig, model, lr_windows=()) -> keras.optimizers.Optimizer:
     """AdamW with linear warm-up then cosine decay to 10%, global-norm clipping and accumulation.
 
@@ -296,7 +327,8 @@ def make_optimizer(config: GPTConfig, model, lr_windows=()) -> keras.optimizers.
                                                           alpha=0.1)
     if lr_windows:
         schedule = ScaledSchedule(schedule, lr_windows)
-    optimizer = keras.optimizers.AdamW(
+    cls = keras.optimizers.AdamW if backends.name() == "torch" else AdamW  # see AdamW
+    optimizer = cls(
         learning_rate=schedule, weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.95,
         epsilon=1e-8, global_clipnorm=config.grad_clip or None,
         gradient_accumulation_steps=config.grad_accum if config.grad_accum > 1 else None)
