@@ -306,3 +306,24 @@ def test_adamw_evaluates_the_schedule_once_per_step_and_updates_as_keras_does(ac
     for a, b in zip(theirs, ours):
         np.testing.assert_array_equal(a, b)  # the same update, bit for bit
     assert our_calls == [1] * 4 and max(their_calls) > 1  # 1 + each decayed variable in Keras's
+
+
+def test_weight_decay_shrinks_the_kernels_and_nothing_else():
+    from kmp.gpt.model import make_optimizer
+
+    config = preset("tiny", num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+                    vocab_size=64, seq_len=8, warmup_steps=0)
+    keras.utils.set_random_seed(0)
+    model = build_model(config)
+    rng = np.random.default_rng(3)
+    for v in model.trainable_variables:  # no zeros: a decayed zero would not move
+        v.assign(rng.normal(size=v.shape).astype(v.dtype))
+    before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    # Zero gradients: Adam's own step is 0, so only the weight decay moves a variable.
+    make_optimizer(config, model).apply(
+        [keras.ops.zeros(v.shape, v.dtype) for v in model.trainable_variables],
+        model.trainable_variables)
+    moved = [v.path for v, old in zip(model.trainable_variables, before)
+             if not np.array_equal(old, keras.ops.convert_to_numpy(v))]
+    kernels = [v.path for v in model.trainable_variables if v.name == "kernel"]
+    assert moved == kernels and len(kernels) == 6  # q, k, v, output, and the two feed-forward
