@@ -41,16 +41,16 @@ def _jax_compile_cache():
     and without `filelock` (kmp[jax]), whose lock lets a run's processes share the folder."""
     if "JAX_COMPILATION_CACHE_DIR" in os.environ or importlib.util.find_spec("filelock") is None:
         return
-    path = os.path.join(os.path.expanduser(os.environ.get("KMP_CACHE_DIR") or "~/.cache/kmp"),
-                        "jax")
+    from kmp.decisions import cache_dir  # standard library only
+
+    path = str(cache_dir() / "jax")
+    size = int(os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30)))
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
     if "jax" in sys.modules:  # imported before kmp: env is read at import, so set it directly
         config = sys.modules["jax"].config
         if config.jax_compilation_cache_dir is None:
             config.update("jax_compilation_cache_dir", path)
-            config.update("jax_compilation_cache_max_size",
-                          int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+            config.update("jax_compilation_cache_max_size", size)
 
 
 _JAX_CPU_BY_KMP = "KMP_JAX_PLATFORMS_SET"

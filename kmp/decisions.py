@@ -38,10 +38,16 @@ FILENAME = "decisions.json"
 _FORMAT = 1  # the file's layout; another layout is ignored (and rewritten)
 
 
+def cache_dir() -> Path:
+    """kmp's cache directory: `$KMP_CACHE_DIR`, else `~/.cache/kmp` (decisions, JAX's
+    compiled programs)."""
+    return Path(os.environ.get(ENV) or "~/.cache/kmp").expanduser()
+
+
 def cache_path() -> Path:
     """Where the decisions are kept: `$KMP_CACHE_DIR/decisions.json`, else
     `~/.cache/kmp/decisions.json`."""
-    return Path(os.environ.get(ENV) or "~/.cache/kmp").expanduser() / FILENAME
+    return cache_dir() / FILENAME
 
 
 def current_versions() -> dict:
