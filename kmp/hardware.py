@@ -73,6 +73,29 @@ def _cpu_info() -> tuple[str, tuple]:
     return name, tuple(f for f in CPU_BF16_FLAGS if f in flags)
 
 
+def cpu_ticks(stat: str = "/proc/stat") -> tuple[int, int] | None:
+    """(steal, total) CPU time of the whole machine since boot, in clock ticks, from Linux's
+    /proc/stat; None where there is none. Steal is the time a hypervisor ran something else
+    while this virtual machine had work: on a shared host it slows every thread that needs the
+    taken core, so speed measured during it is not the machine's (docs/benchmarks.md).
+
+    Example:
+    >>> ticks = cpu_ticks()  # None off Linux
+    >>> ticks is None or 0 <= ticks[0] <= ticks[1]
+    True
+    """
+    try:
+        with open(stat, encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is inside user and nice)
+    ticks = [int(v) for v in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
 @functools.lru_cache(maxsize=1)
 def detect() -> Hardware:
     """Probes the machine once and returns what training would run on.

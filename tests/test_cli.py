@@ -226,6 +226,7 @@ def test_bench_runs_every_policy_and_writes_reports(tmp_path, capsys):
     import json
 
     from kmp import backends
+    from kmp.hardware import cpu_ticks
 
     rc = main(["bench", *BENCH, "--policies", "float32,mixed_bfloat16,auto", "--xla", "off",
                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)])
@@ -246,12 +247,16 @@ def test_bench_runs_every_policy_and_writes_reports(tmp_path, capsys):
         else:
             assert r["ratio"] == pytest.approx(base["median_step_ms"] / r["median_step_ms"])
         assert 0 < r["final_loss"] < r["first_loss"]  # real training steps
+        # the hypervisor's share of the machine's CPU time during the run's timed steps
+        assert r["cpu_steal"] is None if cpu_ticks() is None else 0 <= r["cpu_steal"] <= 1
         if backends.gpu_memory() is None:  # a CPU has no per-run peak to give: none is shown
             assert r["peak_memory_mib"] is None
             assert r["memory_kind"].startswith("not measured on CPU")
     md = (tmp_path / "bench.md").read_text()
     assert "| run | median step (ms) |" in md
     assert "final losses agree with float32's within 2%" in md
+    assert ("Hypervisor steal during the timed steps" in md or "warning: the hypervisor took" in md
+            or cpu_ticks() is None)
     assert main(["bench", "--xla", "maybe"]) == 2
     assert "Unknown --xla setting 'maybe'" in capsys.readouterr().err
 
@@ -312,6 +317,25 @@ def test_bench_loss_line_says_what_it_compared_with():
                                                                              "torch")])
     assert off == ("warning: mixed_bfloat16 (kmp): final loss 4.5000 is 12.5% from float32's "
                    "4.0000 (tolerance 2%)")  # the peer is not a reference
+
+
+def test_bench_warns_when_the_hypervisor_took_the_cpu(tmp_path):
+    from kmp.gpt.bench import Run, steal_summary
+    from kmp.hardware import cpu_ticks
+
+    runs = [Run("quiet", "float32", False, steal=0.03), Run("noisy", "float32", True, steal=0.21)]
+    assert steal_summary(runs).startswith("warning: the hypervisor took 21% of the CPU time "
+                                          "during the timed steps of noisy")
+    assert steal_summary(runs[:1]) == ("Hypervisor steal during the timed steps: at most 3.0% "
+                                       "of the CPU time in any run.")
+    assert steal_summary([Run("elsewhere", "float32", False)]) == ""  # not known: no line
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal guest guest_nice
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  600 5 100 2000 7 0 3 85 40 0\ncpu0 300 2 50 1000 3 0 1 40 20 0\n")
+    assert cpu_ticks(str(stat)) == (85, 2800)  # guest time is counted inside user already
+    stat.write_text("intr 1 2 3\n")
+    assert cpu_ticks(str(stat)) is None
+    assert cpu_ticks(str(tmp_path / "absent")) is None
 
 
 def test_diagnosis_of_a_trained_run(micro_run, capsys):

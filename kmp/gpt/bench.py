@@ -6,7 +6,9 @@ warmed up (compilation excluded). Then the runs take turns, `chunk` steps at a t
 are `train_on_batch` calls on batches from the token cache (the input pipeline is not timed;
 the recipe's Throughput callback measures it with the model). A run's step time is the median
 over its chunks of the mean step time in the chunk. `benchmark` gives ratios to float32 with
-the same XLA setting; `overhead` gives the kmp path's ratio to plain Keras.
+the same XLA setting; `overhead` gives the kmp path's ratio to plain Keras. On Linux each run
+also records the hypervisor's steal time during its timed chunks; the report warns when it
+reached 10% (speeds measured then are not the machine's: docs/benchmarks.md).
 
 The steps are real training: every run starts from the same initial weights, reads the same
 batches in the same order, and trains without learning-rate warm-up, so its loss must fall
@@ -36,7 +38,7 @@ from kmp.gpt import data
 from kmp.gpt.config import RUN_ONLY, GPTConfig, add_arguments, from_args
 from kmp.gpt.memory import state_bytes
 from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
-from kmp.hardware import detect, peak_flops
+from kmp.hardware import cpu_ticks, detect, peak_flops
 from kmp.policy import POLICIES
 from kmp.policy import plan as make_plan
 from kmp.training import compile as kmp_compile
@@ -64,6 +66,7 @@ class Run:
     tokens_per_sec: float | None = None
     mfu: float | None = None
     ratio: float | None = None
+    steal: float | None = None  # the hypervisor's share of the CPU during the timed chunks
 
     @property
     def median_step(self) -> float:
@@ -77,7 +80,7 @@ class Run:
                 "mfu": self.mfu, "peak_memory_mib": (self.peak_memory / 2**20
                                                      if self.peak_memory else None),
                 "memory_kind": self.memory_kind, "first_loss": self.first_loss,
-                "final_loss": self.final_loss, "ratio": self.ratio}
+                "final_loss": self.final_loss, "ratio": self.ratio, "cpu_steal": self.steal}
 
 
 def _runs(policies, xla, peer=None) -> list[Run]:
@@ -250,6 +253,7 @@ def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
     for i in range(len(runs)):
         _fit(*built[i], cache, config, next_batch, i, warmup)
     progress = keras.utils.Progbar(repeats * len(runs), unit_name="chunk")
+    ticks = [[0, 0] for _ in runs]  # (steal, total) during each run's timed chunks
     for r in range(repeats):
         for k in range(len(runs)):
             i = (k + r) % len(runs)
@@ -257,9 +261,12 @@ def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
             # A peer measures its own device memory (torch's allocator), kmp the backend's.
             memory = getattr(model, "gpu_memory", backends.gpu_memory)
             before = memory(reset=True)
+            cpu = cpu_ticks()
             t = time.perf_counter()
             loss = _fit(*built[i], cache, config, next_batch, i, chunk)
             runs[i].step_seconds.append((time.perf_counter() - t) / chunk)
+            if cpu is not None and (now := cpu_ticks()) is not None:
+                ticks[i] = [ticks[i][0] + now[0] - cpu[0], ticks[i][1] + now[1] - cpu[1]]
             runs[i].final_loss = loss
             if before is not None and before["resettable"]:
                 # the other models' variables stay resident: leave them out
@@ -274,7 +281,8 @@ def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
     tokens = config.batch_size * config.seq_len
     fpt = flops_per_token(config)
     hw = detect()
-    for run in runs:
+    for run, (steal, total) in zip(runs, ticks):
+        run.steal = steal / total if total else None
         run.tokens_per_sec = tokens / run.median_step
         peak = peak_flops(hw, keras.DTypePolicy(run.policy).compute_dtype)
         run.mfu = run.tokens_per_sec * fpt / peak if peak else None
@@ -298,6 +306,28 @@ def _fit(model, callbacks, cache, config, next_batch, i, steps) -> float:
             callback.on_train_batch_end(next_batch[i], logs)
         loss = float(logs["loss"])
     return loss
+
+
+def steal_summary(runs: list[Run], warn_at: float = 0.10) -> str:
+    """A line on the hypervisor's steal time during the runs' timed steps (Linux only; "" where
+    it is not known), a warning when it reached `warn_at` in some run: on a shared host that
+    slows whatever waits for the taken core, by different shares in different runs
+    (docs/benchmarks.md), so the speeds are not the machine's.
+
+    Example:
+    >>> steal_summary([Run("a", "float32", False, steal=0.02), Run("b", "float32", True)])
+    'Hypervisor steal during the timed steps: at most 2.0% of the CPU time in any run.'
+    """
+    known = [r for r in runs if r.steal is not None]
+    if not known:
+        return ""
+    worst = max(known, key=lambda r: r.steal)
+    if worst.steal >= warn_at:
+        return (f"warning: the hypervisor took {worst.steal:.0%} of the CPU time during the "
+                f"timed steps of {worst.label} (steal, in /proc/stat); speeds and ratios from "
+                "such a run are not this machine's: run again when the host is quieter.")
+    return (f"Hypervisor steal during the timed steps: at most {worst.steal:.1%} of the CPU "
+            "time in any run.")
 
 
 def to_markdown(runs: list[Run], title: str, baseline: str = "float32") -> str:
@@ -389,6 +419,8 @@ def main(argv: list[str]) -> int:
     table = to_markdown(runs, f"{config.preset}: batch {config.batch_size} x {config.seq_len} "
                         f"tokens, {opts.repeats} x {opts.chunk} timed steps per run, on {hw}",
                         baseline) + "\n\n" + loss_summary(runs)
+    if steal := steal_summary(runs):
+        table += "\n\n" + steal
     ratios = peer_ratios(runs)
     if ratios:
         table += ("\n\n| precision | kmp (fastest) | tokens/s | peer (fastest) | tokens/s | "
