@@ -126,6 +126,26 @@ def test_trial_stops_clearly_slower_candidates_and_logs_progress():
     assert f"round {rounds}/3: float32" in log and f"round {rounds + 1}/3" not in log
 
 
+@pytest.mark.parametrize("steal", [0, 30])
+def test_a_trial_the_hypervisor_slowed_says_so(monkeypatch, steal):
+    reads = itertools.count(1)  # each read of /proc/stat: 100 ticks later, `steal` of them stolen
+    monkeypatch.setattr(kmp.hardware, "cpu_ticks", lambda: (lambda n: (n * steal, n * 100))(
+        next(reads)))
+
+    def run():
+        clock = _Clock()
+        return tuning.measure("dense", lambda c: clock.slowed(model_tuning._compiled(_dense, c),
+                                                              1.0),
+                              lambda step: (X, Y), (16, "samples"), ["float32"], chunk=1,
+                              repeats=1, timer=clock, log=lambda line: None)
+
+    result = run()
+    warned = f"warning: the hypervisor took {steal}% of the CPU time during this trial"
+    assert (warned in result.table) == (steal >= 10)
+    again = run()
+    assert again.source == "cached" and again.table == result.table  # the warning stays with it
+
+
 def test_the_cache_key_holds_the_candidates_and_a_model_fn_drives_auto():
     clock = itertools.count(0.0, 1.0)  # every timed turn "1 s": a tie, float32 first
     only32 = model_tuning.tune(_dense, (X, Y), ["float32"], chunk=1, repeats=1,
