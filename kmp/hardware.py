@@ -96,6 +96,19 @@ def cpu_ticks(stat: str = "/proc/stat") -> tuple[int, int] | None:
     return ticks[7], sum(ticks)
 
 
+# The steal share from which kmp bench and kmp tune warn that their speeds are not the machine's
+# (docs/benchmarks.md: 21-22% steal doubled a step's time on a 2-core virtual machine).
+STEAL_WARNING = 0.10
+
+
+def ticks_between(before, after) -> tuple[int, int]:
+    """(steal, total) ticks from one `cpu_ticks()` reading to a later one; (0, 0) where
+    either is None."""
+    if before is None or after is None:
+        return 0, 0
+    return after[0] - before[0], after[1] - before[1]
+
+
 @functools.lru_cache(maxsize=1)
 def detect() -> Hardware:
     """Probes the machine once and returns what training would run on.

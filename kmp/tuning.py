@@ -377,7 +377,7 @@ def measure(model: str, build, batch, per_step=(None, ""), policies=None, chunk:
     kmp.errors.UserError: Tuning needs float32 among the policies ...
     """
     from kmp import backends
-    from kmp.hardware import cpu_ticks, detect
+    from kmp.hardware import STEAL_WARNING, cpu_ticks, detect, ticks_between
     from kmp.policy import POLICIES
 
     check_policies(policies)
@@ -395,7 +395,7 @@ def measure(model: str, build, batch, per_step=(None, ""), policies=None, chunk:
     start, cpu = time.perf_counter(), cpu_ticks()
     cands = trial(build, batch, cands, chunk, repeats, warmup, timer=timer, log=log)
     best = choose(cands)
-    seconds, now = time.perf_counter() - start, cpu_ticks()
+    seconds, (steal, total) = time.perf_counter() - start, ticks_between(cpu, cpu_ticks())
     compiling = sum(c.compile_seconds or 0 for c in cands)
     steps = sum(c.timed_steps for c in cands)
     chunk = max(c.timed_steps // len(c.step_seconds) for c in cands if c.step_seconds)
@@ -410,12 +410,11 @@ def measure(model: str, build, batch, per_step=(None, ""), policies=None, chunk:
               f"{seconds:.0f} s")
     table = to_markdown(cands, f"Tuning on {hw.describe()}, backend {backends.name()}: up to "
                         f"{repeats} turns of {chunk} timed steps per candidate", per_step)
-    steal = (now[0] - cpu[0]) / (now[1] - cpu[1]) if cpu and now and now[1] > cpu[1] else 0.0
-    if steal >= 0.10:  # docs/benchmarks.md: 21-22% steal doubled a step's time on a 2-core VM
-        table += (f"\n\nwarning: the hypervisor took {steal:.0%} of the CPU time during this "
-                  "trial (steal, in /proc/stat), which slows the candidates by different "
-                  "shares: the choice may not be this machine's. Tune again when the host is "
-                  "quieter (`kmp tune --force`, or use_cache=False).")
+    if total and steal / total >= STEAL_WARNING:
+        table += (f"\n\nwarning: the hypervisor took {steal / total:.0%} of the CPU time "
+                  "during this trial (steal, in /proc/stat), which slows the candidates by "
+                  "different shares: the choice may not be this machine's. Tune again when the "
+                  "host is quieter (`kmp tune --force`, or use_cache=False).")
     value = {"policy": best.policy, "jit_compile": best.jit, "attention": best.attention,
              "reason": reason, "table": table, "seconds": seconds,
              "compile_seconds": compiling, "model": model}

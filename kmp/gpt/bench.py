@@ -38,7 +38,7 @@ from kmp.gpt import data
 from kmp.gpt.config import RUN_ONLY, GPTConfig, add_arguments, from_args
 from kmp.gpt.memory import state_bytes
 from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
-from kmp.hardware import cpu_ticks, detect, peak_flops
+from kmp.hardware import STEAL_WARNING, cpu_ticks, detect, peak_flops, ticks_between
 from kmp.policy import POLICIES
 from kmp.policy import plan as make_plan
 from kmp.training import compile as kmp_compile
@@ -265,8 +265,7 @@ def _measure(config, runs, chunk, repeats, warmup, log) -> list[Run]:
             t = time.perf_counter()
             loss = _fit(*built[i], cache, config, next_batch, i, chunk)
             runs[i].step_seconds.append((time.perf_counter() - t) / chunk)
-            if cpu is not None and (now := cpu_ticks()) is not None:
-                ticks[i] = [ticks[i][0] + now[0] - cpu[0], ticks[i][1] + now[1] - cpu[1]]
+            ticks[i] = [a + b for a, b in zip(ticks[i], ticks_between(cpu, cpu_ticks()))]
             runs[i].final_loss = loss
             if before is not None and before["resettable"]:
                 # the other models' variables stay resident: leave them out
@@ -308,7 +307,7 @@ def _fit(model, callbacks, cache, config, next_batch, i, steps) -> float:
     return loss
 
 
-def steal_summary(runs: list[Run], warn_at: float = 0.10) -> str:
+def steal_summary(runs: list[Run], warn_at: float = STEAL_WARNING) -> str:
     """A line on the hypervisor's steal time during the runs' timed steps (Linux only; "" where
     it is not known), a warning when it reached `warn_at` in some run: on a shared host that
     slows whatever waits for the taken core, by different shares in different runs
