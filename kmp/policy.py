@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -10,6 +11,20 @@ from kmp.hardware import Hardware, detect
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 CHOICES = ("auto",) + POLICIES
+
+
+@contextlib.contextmanager
+def global_policy(name):
+    """Keras's global dtype policy is `name` inside the block; the previous one is restored
+    after it, also when the block raises."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 # What `kmp bench` measured (small and tiny GPT presets, tokens/s against float32 with the same
 # XLA setting; keras 3.15, TF 2.21; docs/benchmarks.md) on CPUs with native bf16, per Keras

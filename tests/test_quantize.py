@@ -12,6 +12,7 @@ import kmp
 from kmp.gpt import build_model, build_token_cache, load_model, preset
 from kmp.gpt import quantize as q
 from kmp.gpt.data import val_dataset, window_batch
+from kmp.policy import global_policy
 
 DATA = Path(__file__).parent / "data"
 SHAPE = dict(vocab_size=512, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
@@ -71,6 +72,19 @@ def test_each_mode_reloads_to_the_loss_it_was_measured_at(mode, policy, cache, t
     if mode == "int4":  # Keras 3.15.1's own reload differs (see kmp._keras): if this fails,
         plain = keras.saving.load_model(path)  # Keras fixed it; drop the workaround
         assert np.abs(_logits(plain, x) - _logits(model, x)).max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_bfloat16_quantized_model_reloads_in_bfloat16_under_any_global_policy(
+        mode, cache, tmp_path):
+    # keras-hub saves a quantized backbone's float policy as "the global one at load time": a
+    # mixed_bfloat16 model loaded under float32 computed in float32 (logits 1.5e-3 apart).
+    model = kmp.harden(q.quantize_model(_trained("mixed_bfloat16"), mode))
+    x = val_dataset(cache, 32, 8, 1)[0][0]
+    q.save(model, tmp_path / "m.keras")
+    with global_policy("float32"):
+        loaded = load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(_logits(loaded, x), _logits(model, x))  # bit for bit
 
 
 def test_int8_under_float16_and_gptq_under_bfloat16_are_what_keras_fails_at(cache):

@@ -149,15 +149,16 @@ def test_a_trial_the_hypervisor_slowed_says_so(monkeypatch, steal):
 def test_the_cache_key_holds_the_candidates_and_a_model_fn_drives_auto():
     clock = itertools.count(0.0, 1.0)  # every timed turn "1 s": a tie, float32 first
     only32 = model_tuning.tune(_dense, (X, Y), ["float32"], chunk=1, repeats=1,
-                         timer=lambda: next(clock), log=lambda *_: None)
+                         timer=lambda: next(clock), log=lambda *_: None, hardware=CPU)
     assert only32.policy == "float32" and "samples/s" in only32.table
-    assert kmp.plan("auto").decided_by == "rule table"  # not every policy: not "the latest"
-    # Every policy is another question: measured, not answered by the float32-only tuning.
-    p = kmp.set_policy("auto", measure=_dense, data=(X, Y))
+    assert kmp.plan("auto", CPU).decided_by == "rule table"  # not every policy: not "the latest"
+    # Every policy is another question: measured, not answered by the float32-only tuning (on
+    # a CPU with bf16, as CPU says: on one without, the rules leave float32 alone to measure).
+    p = kmp.set_policy("auto", CPU, measure=_dense, data=(X, Y))
     assert p.decided_by == "measurement" and p.policy in ("float32", "mixed_bfloat16")
-    assert kmp.set_policy("auto", measure=_dense, data=(X, Y)).decided_by == (
+    assert kmp.set_policy("auto", CPU, measure=_dense, data=(X, Y)).decided_by == (
         "cached measurement")
-    assert kmp.plan("auto").decided_by == "cached measurement"  # this machine's latest
+    assert kmp.plan("auto", CPU).decided_by == "cached measurement"  # this machine's latest
     with pytest.raises(UserError, match="compiled with an optimizer and a loss.*not compiled"):
         model_tuning.tune(lambda: keras.Sequential([keras.Input((8,))]), (X, Y))
 

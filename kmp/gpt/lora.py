@@ -38,6 +38,7 @@ import keras
 
 from kmp._keras import flatten_layers, quantize
 from kmp.errors import UserError
+from kmp.policy import global_policy
 
 BASES = ("float", "int8", "int4")
 INT4_BLOCK = 128  # Keras's default int4 group size, capped at the model width
@@ -51,7 +52,7 @@ def load_causal_lm(preset, dtype=None):
             keras-hub preset name or handle, which needs a download (or a local copy in the
             Kaggle/Hugging Face cache).
         dtype: str or None. The dtype policy to build under (a quantized preset keeps its
-            own per-layer policies). Defaults to the global one.
+            layers' quantization and computes in `dtype`). Defaults to the global one.
 
     Returns:
         A `keras_hub.models.CausalLM`.
@@ -78,12 +79,14 @@ def load_causal_lm(preset, dtype=None):
                             "keras-hub preset. Pass a directory that save_to_preset wrote.",
                             field="preset")
         try:
-            # A quantized preset saves a DTypePolicyMap (each layer's quantization, the
-            # default policy left to the global one): a `dtype` argument would replace it.
+            # A quantized preset saves a DTypePolicyMap (each layer's quantization, the float
+            # policy left to the global one at load time): a `dtype` argument would replace
+            # it, so `dtype` is the global policy while it loads.
             saved = json.loads((path / "config.json").read_text())["config"].get("dtype")
-            quantized = isinstance(saved, dict) and saved.get("class_name") == "DTypePolicyMap"
-            return keras_hub.models.CausalLM.from_preset(
-                str(path), **({} if quantized else {"dtype": dtype}))
+            if isinstance(saved, dict) and saved.get("class_name") == "DTypePolicyMap":
+                with global_policy(dtype):
+                    return keras_hub.models.CausalLM.from_preset(str(path))
+            return keras_hub.models.CausalLM.from_preset(str(path), dtype=dtype)
         except (ValueError, OSError, KeyError) as e:
             raise UserError(f"--preset {preset} is not a keras-hub CausalLM preset "
                             f"({str(e)[:120]}). Pass a directory with a task.json and a "

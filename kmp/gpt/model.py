@@ -26,6 +26,7 @@ from kmp.gpt.memory import param_count
 from kmp.hardware import detect
 from kmp.layers import harden
 from kmp.layers.harden import set_float32_residual
+from kmp.policy import global_policy
 from kmp.recovery import ScaledSchedule
 
 
@@ -36,10 +37,11 @@ class GPTBackbone(keras_hub.models.GPT2Backbone):
     keras-hub's `GPT2Backbone.get_config` keeps only the backbone's own dtype policy, so a
     vocabulary projection moved to the compute dtype or a float32 residual stream would come
     back from a `.keras` file as keras-hub's defaults: another computation than the one
-    trained. This subclass records both and applies them when it is rebuilt. On TensorFlow its
-    feed-forward GELU and its layer norms are `kmp.backends.kernel("gelu_tanh")` and
-    `kernel("layer_norm")`: the same functions with hand-written gradients, fewer passes over
-    the activations (docs/benchmarks.md).
+    trained. This subclass records both and applies them when it is rebuilt; likewise a
+    quantized model's float policy (mixed_bfloat16, say), which keras-hub leaves to the global
+    policy at load time. On TensorFlow its feed-forward GELU and its layer norms are
+    `kmp.backends.kernel("gelu_tanh")` and `kernel("layer_norm")`: the same functions with
+    hand-written gradients, fewer passes over the activations (docs/benchmarks.md).
 
     Args:
         *args: `keras_hub.models.GPT2Backbone`'s arguments.
@@ -67,8 +69,26 @@ class GPTBackbone(keras_hub.models.GPT2Backbone):
                 set_layer_call(layer, _layer_norm_call)
 
     def get_config(self):
-        return {**super().get_config(), "logits_dtype": self.logits_dtype,
-                "float32_residual": self.float32_residual}
+        config = {**super().get_config(), "logits_dtype": self.logits_dtype,
+                  "float32_residual": self.float32_residual}
+        saved = config.get("dtype")
+        if isinstance(saved, dict) and saved.get("class_name") == "DTypePolicyMap":  # quantized
+            # keras-hub saves a quantized backbone's policies as a map whose default, and the
+            # float policy of each quantized layer, are left to the global policy at load
+            # time: a mixed_bfloat16 model reloaded under float32 computes in float32. Keep
+            # the policy it computed under, which `from_config` loads it in.
+            policy = self.dtype_policy
+            config["float_policy"] = getattr(policy, "default_policy", policy).name
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        policy = config.pop("float_policy", None)
+        if policy is None:
+            return super().from_config(config)
+        with global_policy(policy):
+            return super().from_config(config)
 
 
 def _layer_norm_call(layer, inputs):
