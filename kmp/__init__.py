@@ -12,6 +12,7 @@ until one is needed (and `kmp --backend` can still choose Keras's backend).
 import importlib
 import importlib.util
 import os
+import platform
 import sys
 
 __version__ = "0.1.0"
@@ -53,9 +54,24 @@ def _jax_compile_cache():
             config.update("jax_compilation_cache_max_size", size)
 
 
+def _tensorflow_onednn():
+    """TensorFlow runs its CPU matmuls on oneDNN by default only on x86 CPUs with AVX512_VNNI,
+    AVX512_BF16 or AMX; elsewhere (AMD Zen 3, older Intel) on Eigen's, which took 1.5x the time
+    a `tiny` float32 step takes with oneDNN on a 2-core AMD EPYC (docs/benchmarks.md). Turn it on
+    on every x86 CPU, unless TF_ENABLE_ONEDNN_OPTS says otherwise or TensorFlow was imported
+    before kmp (it reads the variable when it starts). Read by TensorFlow only."""
+    if ("TF_ENABLE_ONEDNN_OPTS" in os.environ or "tensorflow" in sys.modules
+            or platform.machine().lower() not in ("x86_64", "amd64")):
+        return
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    os.environ[_ONEDNN_BY_KMP] = "1"  # not the user's choice (kmp doctor says who set it)
+
+
 _JAX_CPU_BY_KMP = "KMP_JAX_PLATFORMS_SET"
+_ONEDNN_BY_KMP = "KMP_ONEDNN_SET"
 _jax_on_cpu_without_driver()
 _jax_compile_cache()
+_tensorflow_onednn()
 
 # public name -> the module that defines it ("" when the name is the module itself)
 _EXPORTS = {

@@ -239,6 +239,12 @@ def _doctor() -> int:
     print(f"kmp doctor\n  hardware: {hw.describe()}")
     versions = ", ".join(f"{k} {v}" for k, v in backends.versions().items())
     print(f"  versions: {versions}; backend {backends.name()}")
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if backends.name() == "tensorflow" and onednn is not None:
+        who = ("set by kmp: TensorFlow's default is on only for x86 CPUs with AVX512_VNNI, "
+               "AVX512_BF16 or AMX; TF_ENABLE_ONEDNN_OPTS=0 turns them off"
+               if os.environ.get("KMP_ONEDNN_SET") else f"TF_ENABLE_ONEDNN_OPTS={onednn}")
+        print(f"  oneDNN kernels: {'off' if onednn == '0' else 'on'} ({who})")
     print("  plans:")
     for name in POLICIES:
         p = plan(name, hw)

@@ -1,5 +1,6 @@
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,31 @@ x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
 model.fit(x, x[:, :1], batch_size=8, verbose=0, callbacks=[kmp.PrecisionMonitor()])
 print("tensorflow" in sys.modules, keras.backend.backend())
 """
+
+
+ONEDNN = """
+import kmp, kmp.cli, tensorflow
+from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own answer (private API)
+print(_pywrap_util_port.IsMklEnabled())
+kmp.cli.main(["doctor"])
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="TensorFlow's oneDNN default is a question of x86 CPUs")
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_tensorflow_runs_its_onednn_kernels_unless_told_not_to(setting):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_ENABLE_ONEDNN_OPTS", "KMP_ONEDNN_SET")}  # as a fresh shell has it
+    out = subprocess.run([sys.executable, "-c", ONEDNN], capture_output=True, text=True,
+                         timeout=300, env={**env, "KERAS_BACKEND": "tensorflow",
+                                           **({"TF_ENABLE_ONEDNN_OPTS": setting} if setting
+                                              else {})})
+    assert out.returncode == 0, out.stderr[-3000:]
+    enabled, doctor = out.stdout.split("\n", 1)
+    assert enabled == ("False" if setting == "0" else "True")
+    assert ("oneDNN kernels: off (TF_ENABLE_ONEDNN_OPTS=0)" if setting
+            else "oneDNN kernels: on (set by kmp: ") in doctor
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
