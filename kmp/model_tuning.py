@@ -14,6 +14,7 @@ import json
 import time
 
 from kmp.errors import UserError
+from kmp.policy import global_policy
 from kmp.tuning import Candidate, Tuning, measure
 
 
@@ -21,13 +22,9 @@ def _built(model_fn, policy: str):
     """`model_fn()` called under `policy` from seed 0 (every candidate's initial weights)."""
     import keras
 
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
+    with global_policy(policy):
         keras.utils.set_random_seed(0)
         model = model_fn()
-    finally:
-        keras.config.set_dtype_policy(previous)
     missing = ("not compiled" if getattr(model, "optimizer", None) is None else
                "without a loss" if getattr(model, "loss", None) is None else "")
     if missing:

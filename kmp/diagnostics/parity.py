@@ -16,6 +16,7 @@ import numpy as np
 from kmp._keras import flatten_layers, layer_paths, walk
 from kmp.diagnostics.tracing import forward_backward
 from kmp.layers.harden import harden, is_hardened
+from kmp.policy import global_policy
 
 # Default tolerances on the relative error, by compute dtype. `kmp parity` on a fresh tiny GPT
 # (a stdlib batch) shows at most 1.7e-3 under float16 (loss-scaled) and 4.4e-2 under bfloat16.
@@ -86,12 +87,8 @@ def float32_clone(model, x):
     config.pop("compile_config", None)  # compiled below with the model's loss only
     if isinstance(config.get("config"), dict) and config["config"].get("preprocessor"):
         config["config"]["preprocessor"] = None  # keras-hub tasks: tokenizer files not needed
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
+    with global_policy("float32"):
         clone = keras.saving.deserialize_keras_object(config)
-    finally:
-        keras.config.set_dtype_policy(previous)
     if any(is_hardened(layer) for layer in flatten_layers(model)):
         harden(clone)  # the islands live in the layer objects, not in the config
     clone(x, training=False)  # builds subclassed models and layers

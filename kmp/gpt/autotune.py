@@ -26,7 +26,7 @@ from kmp.errors import UserError
 from kmp.gpt import data
 from kmp.gpt.config import RUN_ONLY, GPTConfig, add_arguments, from_args
 from kmp.gpt.model import build_model, lm_loss, make_optimizer
-from kmp.policy import POLICIES
+from kmp.policy import POLICIES, global_policy
 from kmp.tuning import Candidate, Tuning, check_policies, measure
 
 
@@ -38,15 +38,11 @@ def model_key(config: GPTConfig) -> str:
 
 
 def _build(config: GPTConfig, cand: Candidate):
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(cand.policy)
-    try:
+    with global_policy(cand.policy):
         keras.utils.set_random_seed(config.seed)
         model = build_model(config)
         kmp.compile(model, make_optimizer(config, model), lm_loss(), weighted_metrics=[],
                     jit_compile=cand.jit, islands=cand.attention)
-    finally:
-        keras.config.set_dtype_policy(previous)
     return model
 
 

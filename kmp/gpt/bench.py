@@ -39,7 +39,7 @@ from kmp.gpt.config import RUN_ONLY, GPTConfig, add_arguments, from_args
 from kmp.gpt.memory import state_bytes
 from kmp.gpt.model import build_model, flops_per_token, lm_loss, make_optimizer
 from kmp.hardware import STEAL_WARNING, cpu_ticks, detect, peak_flops, ticks_between
-from kmp.policy import POLICIES
+from kmp.policy import POLICIES, global_policy
 from kmp.policy import plan as make_plan
 from kmp.training import compile as kmp_compile
 
@@ -220,9 +220,7 @@ def _build(config, run):
             raise UserError("The torch peer needs PyTorch: pip install -e '.[peers]' (or "
                             "pip install torch).", field="peer") from None
         return TorchPeer(config, run.policy, compile=run.jit), ()
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(run.policy)  # layers keep the policy they were built with
-    try:
+    with global_policy(run.policy):  # layers keep the policy they were built with
         keras.utils.set_random_seed(config.seed)
         model = build_model(config)
         optimizer = make_optimizer(config, model)
@@ -231,8 +229,6 @@ def _build(config, run):
             model.compile(optimizer, loss, weighted_metrics=[], jit_compile=run.jit)
             return model, ()
         kmp_compile(model, optimizer, loss, weighted_metrics=[], jit_compile=run.jit)
-    finally:
-        keras.config.set_dtype_policy(previous)
     monitor = PrecisionMonitor()
     monitor.set_model(model)
     return model, (monitor,)

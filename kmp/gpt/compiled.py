@@ -34,6 +34,7 @@ import sys
 import warnings
 
 from kmp.errors import UserError
+from kmp.policy import global_policy
 
 TARGETS = ("h100", "h200", "a100", "l4", "cpu")  # `kmp memory --target`; kmp.gpt.gpus has more
 GEMMS = ("triton", "cublas")
@@ -135,15 +136,9 @@ def compile_step(config, policy: str, target: str = "h100", devices: int = 1, me
     """
     import time
 
-    import keras
-
     started = time.time()
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)  # for the target GPU, not this machine: no advice
-    try:
+    with global_policy(policy):  # for the target GPU, not this machine: no advice
         return _compile(config, policy, target, devices, mesh, shard, gemm, memory, started)
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 def _compile(config, policy, target, devices, mesh, shard, gemm, memory, started):

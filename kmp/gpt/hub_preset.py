@@ -27,6 +27,7 @@ from pathlib import Path
 import keras
 
 from kmp.errors import UserError
+from kmp.policy import global_policy
 
 _KMP_ONLY = ("logits_dtype", "float32_residual")  # GPTBackbone's options, not GPT2Backbone's
 
@@ -91,13 +92,9 @@ def write_run_preset(run, directory=None, log=print) -> Path:
 
     run = open_run(run, log=log)
     directory = Path(directory) if directory else run.dir / "preset"
-    before = keras.config.dtype_policy()
-    try:
-        keras.config.set_dtype_policy("float32")
+    with global_policy("float32"):
         model = run.model("float32", float8=False, islands=False, preprocessor=False)
         plain = plain_causal_lm(model, run.tokenizer(), min(run.config.seq_len, 128))
-    finally:
-        keras.config.set_dtype_policy(before)
     # It replaces `directory`: only an earlier preset, never the run or a folder around it.
     if directory.exists() and (
             run.dir.resolve().is_relative_to(directory.resolve())
@@ -146,13 +143,9 @@ def check_preset(run, directory=None, windows: int = 2) -> tuple[float, float]:
     directory = Path(directory) if directory else run.dir / "preset"
     config = run.config
     val = data.val_dataset(run.cache(), config.seq_len, config.batch_size, windows)
-    before = keras.config.dtype_policy()
-    try:
-        keras.config.set_dtype_policy("float32")
+    with global_policy("float32"):
         ours = run.model("float32", float8=False, preprocessor=False)
         plain = keras_hub.models.CausalLM.from_preset(str(directory))
-    finally:
-        keras.config.set_dtype_policy(before)
     losses = []
     for model in (ours, plain):
         total = count = 0.0
