@@ -310,7 +310,8 @@ def gptq_awq_calibration(windows):
       feature only: measured on a seeded GPT-2-shaped model, its kernels then reconstruct
       their layers' outputs worse than plain round-to-nearest in 4 of 12 layers (up to 1.45x
       the error). Inside this context GPTQ gets the Cholesky factor (activation_order=False
-      only: kmp's setting).
+      only: kmp's setting), and the column loop runs in NumPy (kmp._gptq: the same steps,
+      milliseconds where Keras's eager ops took seconds per matrix).
     - **Calibration windows differ from run to run.** Keras's data loader concatenates the
       samples and cuts new windows at an offset from Python's `hash` of a string, which is
       salted per process. Inside this context it returns `windows` as they are.
@@ -321,18 +322,19 @@ def gptq_awq_calibration(windows):
     import numpy as np
     from keras.src.quantizers import awq_core, gptq, gptq_core  # Keras 3.15.1: not public
 
-    windows = np.asarray(windows, dtype="int32")
-    quantize_matrix = gptq.gptq_quantize_matrix
+    from kmp import _gptq
 
-    def with_cholesky_factor(weights_transpose, inv_hessian, **kwargs):
-        if kwargs.get("activation_order"):
+    windows = np.asarray(windows, dtype="int32")
+
+    def with_cholesky_factor(weights_transpose, inv_hessian, *, activation_order=False,
+                             order_metric=None, **kwargs):
+        if activation_order:
             raise NotImplementedError("kmp's GPTQ calibration supports activation_order=False "
                                       "only (the features must be permuted before the "
                                       "Cholesky factor is taken).")
         inverse = keras.ops.convert_to_numpy(inv_hessian).astype("float64")
         upper = np.linalg.cholesky((inverse + inverse.T) / 2).T
-        return quantize_matrix(weights_transpose, keras.ops.convert_to_tensor(
-            upper.astype("float32")), **kwargs)
+        return _gptq.quantize_matrix(weights_transpose, upper.astype("float32"), **kwargs)
 
     def fixed_windows(tokenizer, sequence_length, dataset, num_samples=128, **kwargs):
         if windows.shape[1] != sequence_length or len(windows) < num_samples:
