@@ -3,7 +3,8 @@
 # GPT-2 124M (12 x 768, 12 heads, vocabulary 50304, sequence 1024) under float32 (TF32),
 # mixed_bfloat16 and mixed_float16 with kmp's loss scaling; tokens/s, MFU, peak memory; the
 # PyTorch peer on the same GPU in the same process; the memory estimate against each policy's
-# measured peak (one process per policy: JAX's peak cannot be reset).
+# measured peak (one process per policy: JAX's peak cannot be reset); the attention kernels'
+# ulps and both kernels timed; `kmp tune` (issue 28, part 5).
 #
 # On the lent machine (see ../shared/device/README.md), from the repository root:
 #   ../shared/device/make-wheelhouse .device/wheels      # here, once
@@ -63,4 +64,17 @@ for p in float32 mixed_bfloat16 mixed_float16; do
   tail -5 "$OUT/memory-$p.log" | tee -a "$OUT/log.txt"
 done
 python -m kmp.cli memory "${SHAPE[@]}" 2>&1 | tee -a "$OUT/log.txt"
+
+log "4. the attention kernels: the fused kernel's ulps against the island's, then both timed"
+python docs/attention_precision.py 2>&1 | tee -a "$OUT/log.txt"
+python -m kmp.cli bench "${SHAPE[@]}" "${TIMING[@]}" --policies mixed_bfloat16,mixed_float16 \
+  --xla on --attention island --out "$OUT/bench-island" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+python -m kmp.cli bench "${SHAPE[@]}" "${TIMING[@]}" --policies mixed_bfloat16,mixed_float16 \
+  --xla on --attention fused --out "$OUT/bench-fused" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+
+log "5. kmp tune: what auto would pick on this GPU, measured, and how long that takes"
+start=$SECONDS
+python -m kmp.cli tune "${SHAPE[@]}" --force --out "$OUT/tune" \
+  2>&1 | tail -20 | tee -a "$OUT/log.txt"
+log "kmp tune took $((SECONDS - start)) s"
 log "done"
