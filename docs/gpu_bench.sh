@@ -67,10 +67,10 @@ python -m kmp.cli memory "${SHAPE[@]}" 2>&1 | tee -a "$OUT/log.txt"
 
 log "4. the attention kernels: the fused kernel's ulps against the island's, then both timed"
 python docs/attention_precision.py 2>&1 | tee -a "$OUT/log.txt"
-python -m kmp.cli bench "${SHAPE[@]}" "${TIMING[@]}" --policies mixed_bfloat16,mixed_float16 \
-  --xla on --attention island --out "$OUT/bench-island" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
-python -m kmp.cli bench "${SHAPE[@]}" "${TIMING[@]}" --policies mixed_bfloat16,mixed_float16 \
-  --xla on --attention fused --out "$OUT/bench-fused" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+for kernel in island fused; do
+  python -m kmp.cli bench "${SHAPE[@]}" "${TIMING[@]}" --policies mixed_bfloat16,mixed_float16 \
+    --xla on --attention "$kernel" --out "$OUT/bench-$kernel" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+done
 
 log "5. kmp tune: what auto would pick on this GPU, measured, and how long that takes"
 start=$SECONDS

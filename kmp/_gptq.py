@@ -32,7 +32,6 @@ def quantize_matrix(weights_transpose, upper, *, compute_scale_zero, blocksize=1
     group = features if group_size == -1 else group_size
     quantized = np.zeros((rows, features), dtype=np.int32)
     scales, zeros = [], []
-    scale = zero = maxq = safe = None
     for start in range(0, features, blocksize):
         end = min(start + blocksize, features)
         group_start = -1  # Keras: each block takes its first group's scale anew
